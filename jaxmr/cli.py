@@ -1,0 +1,130 @@
+"""The `jaxmr` console script. Each subcommand is a thin layer over the library; bad input ends in one
+clear `error:` line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from jaxmr.data.records import DataError
+
+SPEC_HELP = "source spec: shapes[:n=10000,size=64,seed=0], captions:DIR, coco:DIR, tfds:NAME[:split], images:DIR"
+
+
+def _data_info(args: argparse.Namespace) -> None:
+    from jaxmr.data import parse_source
+
+    source = parse_source(args.source, args.split)
+    n = len(source)
+    captions = [len(source[i]["captions"]) for i in range(min(n, args.scan))]
+    info = {
+        "source": source.name,
+        "split": source.split or "all",
+        "images": n,
+        "captions_per_image_mean": round(sum(captions) / max(len(captions), 1), 3),
+        "scanned": len(captions),
+        "example": {k: v for k, v in source[0].items() if k != "image"},
+    }
+    if hasattr(source, "split_sizes"):
+        info["split_sizes"] = source.split_sizes
+    print(json.dumps(info, indent=2, default=str))
+
+
+def _data_preview(args: argparse.Namespace) -> None:
+    from jaxmr.data import parse_source
+    from jaxmr.viz import caption_grid
+
+    source = parse_source(args.source, args.split)
+    count = min(args.n, len(source))
+    records = [source[i] for i in range(count)]
+    caption_grid(records, args.out, image_size=args.size)
+    print(f"wrote {args.out} ({count} images from {source.name})")
+
+
+def _data_to_tfds(args: argparse.Namespace) -> None:
+    from jaxmr.data.tfds_source import build_caption_folder
+
+    path = build_caption_folder(args.source, args.out, name=args.name)
+    print(f"wrote {path}; read it with --data tfds:caption_folder/{path.parent.name} and TFDS_DATA_DIR={args.out}")
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from jaxmr.data import caption_table, parse_source
+    from jaxmr.text import train_bpe
+
+    texts, _ = caption_table(parse_source(args.source, args.split))
+    tokenizer = train_bpe(texts, vocab_size=args.vocab_size, max_len=args.max_len)
+    tokenizer.save(args.out)
+    print(f"trained a {tokenizer.vocab_size}-token BPE vocabulary on {len(texts)} captions -> {args.out}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from jaxmr.demo import run_demo
+
+    run_demo(Path(args.workdir), steps=args.batches)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmr", description="Cross-modal retrieval: train, index, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, run: Callable[[argparse.Namespace], None], help: str, parent=commands):
+        sub = parent.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    demo = add("demo", _demo, "run the product end to end on the built-in shapes world")
+    demo.add_argument("--workdir", default="runs/demo", help="where runs and artifacts go (reused when present)")
+    demo.add_argument("--batches", type=int, default=50, help="input-pipeline batches to time")
+
+    data = commands.add_parser("data", help="inspect, preview and convert data sources")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    info = add("info", _data_info, "print a source's size, splits and one record", data_commands)
+    preview = add("preview", _data_preview, "save a grid of images with their first caption", data_commands)
+    to_tfds = add("to-tfds", _data_to_tfds, "convert a caption folder to a TFDS ArrayRecord dataset", data_commands)
+    for sub in (info, preview, to_tfds):
+        sub.add_argument("source", help=SPEC_HELP)
+    for sub in (info, preview):
+        sub.add_argument("--split", default="train", help="train | val (= dev) | test | all")
+    info.add_argument("--scan", type=int, default=1000, help="records to scan for caption statistics")
+    preview.add_argument("--out", required=True, help="PNG file to write")
+    preview.add_argument("--n", type=int, default=16, help="number of images")
+    preview.add_argument("--size", type=int, default=128, help="tile side in pixels")
+    to_tfds.add_argument("--out", required=True, help="TFDS data_dir to write into")
+    to_tfds.add_argument("--name", default=None, help="config name (default: the folder's name)")
+
+    tok = commands.add_parser("tokenizer", help="train a caption tokenizer")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    train_tok = add("train", _tokenizer_train, "learn a BPE vocabulary from a source's captions", tok_commands)
+    train_tok.add_argument("source", help=SPEC_HELP)
+    train_tok.add_argument("--split", default="train")
+    train_tok.add_argument("--out", required=True, help="directory to save tokenizer.json into")
+    train_tok.add_argument("--vocab-size", type=int, default=8192)
+    train_tok.add_argument("--max-len", type=int, default=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    start = time.perf_counter()
+    try:
+        args.run(args)
+    except (DataError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    logging.getLogger(__name__).debug("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

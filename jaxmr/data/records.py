@@ -1,0 +1,60 @@
+"""The record every data source yields, and the errors the data layer raises."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypedDict
+
+import numpy as np
+
+
+class Record(TypedDict):
+    """One image with its captions, as every source yields it.
+
+    `image` is either decoded pixels (uint8 [H, W, 3]), the encoded file bytes, or a filesystem path (str);
+    the pipeline's decode step turns all three into pixels, so sources stay cheap to index.
+    """
+
+    image: np.ndarray | bytes | str
+    captions: list[str]
+    id: str
+    metadata: dict[str, Any]
+
+
+class DataError(ValueError):
+    """Bad input data: a malformed captions file, an empty split, an unknown source spec."""
+
+
+class Source(Protocol):
+    """A random-access source (grain's `RandomAccessDataSource` protocol plus a name and split)."""
+
+    name: str
+    split: str | None
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
+
+    def captions(self, index: int) -> list[str]:
+        """The captions of record `index`, without loading its image."""
+        ...
+
+
+# Canonical split names; "val" and "dev" are the same split (Flickr8k says dev, COCO says val).
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "dev": "val",
+    "validation": "val",
+    "test": "test",
+    "all": None,
+}
+
+
+def canonical_split(split: str | None) -> str | None:
+    """'dev' -> 'val', 'all' / None -> None (everything); an unknown name raises DataError."""
+    if split is None:
+        return None
+    key = split.strip().lower()
+    if key not in SPLIT_ALIASES:
+        raise DataError(f"unknown split {split!r}; choose one of train, val (= dev), test, all")
+    return SPLIT_ALIASES[key]

@@ -1,0 +1,79 @@
+"""Source specs: the one string every data-taking command accepts.
+
+shapes[:n=10000,size=64,seed=0,n_val=1000,n_test=1000]   the procedural default
+captions:DIR                                              images + a captions file (format auto-detected)
+coco:DIR                                                  COCO 2014/2017 layout
+tfds:NAME[:split][:data_dir=DIR]                          any prepared TFDS image-caption dataset
+images:DIR                                                a plain folder of images, no captions
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSource
+from jaxmr.data.records import DataError, Source
+from jaxmr.data.shapes import ShapesConfig, ShapesSource
+from jaxmr.data.tfds_source import TfdsSource
+
+DEFAULT_SOURCE = "shapes"
+
+
+def _options(text: str, allowed: dict[str, type], what: str) -> dict:
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise DataError(f"{what}: unknown option {item!r}; options are {', '.join(allowed)} (as key=value)")
+        try:
+            options[key] = allowed[key](value.strip())
+        except ValueError:
+            raise DataError(f"{what}: option {key} needs a {allowed[key].__name__}, got {value!r}") from None
+    return options
+
+
+def _shapes(arg: str, split: str | None) -> Source:
+    fields = {"n": int, "size": int, "seed": int, "n_val": int, "n_test": int}
+    return ShapesSource(ShapesConfig(**_options(arg, fields, "shapes")), split)
+
+
+def _tfds(arg: str, split: str | None) -> Source:
+    name, *rest = arg.split(":")
+    data_dir = None
+    for part in rest:
+        if part.startswith("data_dir="):
+            data_dir = part.removeprefix("data_dir=")
+        elif part:
+            split = part  # a split in the spec wins over --split
+    if not name:
+        raise DataError("tfds: needs a dataset name, e.g. tfds:coco_captions:train")
+    return TfdsSource(name, split, data_dir=data_dir)
+
+
+def _needs_dir(kind: str, factory: Callable[..., Source]) -> Callable[[str, str | None], Source]:
+    def make(arg: str, split: str | None) -> Source:
+        if not arg:
+            raise DataError(f"{kind}: needs a directory, e.g. {kind}:/path/to/folder")
+        return factory(arg, split)
+
+    return make
+
+
+# An explicit registry: the spec's kind names a factory(arg, split) -> Source.
+SOURCES: dict[str, Callable[[str, str | None], Source]] = {
+    "shapes": _shapes,
+    "captions": _needs_dir("captions", CaptionFolderSource),
+    "coco": _needs_dir("coco", CocoSource),
+    "tfds": _tfds,
+    "images": _needs_dir("images", ImageFolderSource),
+}
+
+
+def parse_source(spec: str, split: str | None = "train") -> Source:
+    """Opens the source a spec names, for one split ('train', 'val'/'dev', 'test', or 'all'/None)."""
+    spec = spec.strip()
+    kind, _, arg = spec.partition(":")
+    if kind not in SOURCES:
+        raise DataError(f"unknown data source {spec!r}; expected one of: {', '.join(s + ':...' for s in SOURCES)}")
+    return SOURCES[kind](arg, split)

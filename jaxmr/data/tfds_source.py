@@ -1,0 +1,193 @@
+"""TFDS image-caption datasets through `tfds.data_source` (ArrayRecord, random access, no TensorFlow), and a
+TFDS builder that turns a caption folder into ArrayRecord so large folders are read fast and at random.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxmr.data.records import DataError, Record, canonical_split
+
+log = logging.getLogger(__name__)
+
+# TFDS split names for jaxmr's canonical splits, tried in order.
+_TFDS_SPLITS = {"train": ("train",), "val": ("validation", "val", "dev"), "test": ("test",)}
+
+
+def _tfds():
+    import tensorflow_datasets as tfds  # imported lazily: it is slow to import and most runs never need it
+
+    return tfds
+
+
+def _texts(value: Any) -> list[str]:
+    """Captions out of a decoded TFDS value: bytes, a string array, or a dict holding 'text'."""
+    if isinstance(value, dict):
+        return _texts(value.get("text", value.get("caption", [])))
+    if isinstance(value, bytes | str):
+        value = [value]
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(value).reshape(-1)]
+
+
+def _find_keys(features) -> tuple[str, str | None, str | None]:
+    """(image key, captions key, id key) from a TFDS FeaturesDict."""
+    tfds = _tfds()
+    image_key = caption_key = None
+    for key, feature in features.items():
+        if image_key is None and isinstance(feature, tfds.features.Image):
+            image_key = key
+        inner = feature.feature if isinstance(feature, tfds.features.Sequence) else feature
+        is_text = isinstance(inner, tfds.features.Text) or (
+            isinstance(inner, tfds.features.FeaturesDict) and ("text" in inner or "caption" in inner)
+        )
+        if caption_key is None and is_text and key != "id" and "file" not in key:
+            caption_key = key
+    if image_key is None:
+        raise DataError(f"TFDS dataset has no Image feature (features: {', '.join(features)})")
+    id_key = next((k for k in ("image/id", "id", "image/filename", "image_id") if k in features), None)
+    return image_key, caption_key, id_key
+
+
+class TfdsSource:
+    """`tfds:NAME[:split]`: one split of a prepared TFDS dataset, read with `tfds.data_source`."""
+
+    def __init__(self, name: str, split: str | None = "train", data_dir: str | None = None):
+        self.split = canonical_split(split) or "train"
+        self.name = f"tfds:{name}"
+        self.dataset = name
+        data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+        self._source, self._builder = _open(name, self.split, data_dir)
+        self._image_key, self._caption_key, self._id_key = _find_keys(self._builder.info.features)
+        if len(self._source) == 0:
+            raise DataError(f"split {self.split!r} of {self.name} is empty")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def captions(self, index: int) -> list[str]:
+        return self[index]["captions"]
+
+    def __getitem__(self, index: int) -> Record:
+        example = self._source[int(index)]
+        ident = example[self._id_key] if self._id_key else index
+        ident = ident.decode() if isinstance(ident, bytes) else str(np.asarray(ident).item())
+        captions = _texts(example[self._caption_key]) if self._caption_key else []
+        return {
+            "image": example[self._image_key],
+            "captions": captions,
+            "id": ident,
+            "metadata": {"dataset": self.dataset, "index": int(index)},
+        }
+
+
+def _open(name: str, split: str, data_dir: str | None):
+    tfds = _tfds()
+    errors = []
+    for tfds_split in _TFDS_SPLITS[split]:
+        try:
+            return tfds.data_source(name, split=tfds_split, data_dir=data_dir), tfds.builder(name, data_dir=data_dir)
+        except ModuleNotFoundError as e:  # a builder whose code needs TensorFlow: read its prepared files
+            errors.append(str(e))
+        except Exception as e:
+            errors.append(f"split {tfds_split!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        prepared = _prepared_dir(name, data_dir)
+        if prepared is not None:
+            builder = tfds.builder_from_directory(prepared)
+            if tfds_split in builder.info.splits:
+                return builder.as_data_source(split=tfds_split), builder
+    raise DataError(
+        f"cannot open TFDS dataset {name!r} split {split!r} (data_dir={data_dir or '~/tensorflow_datasets'}): "
+        + "; ".join(dict.fromkeys(errors))
+        + ". Prepare it first (datasets whose builder code needs TensorFlow: `pip install tensorflow-cpu` "
+        "and `tfds build NAME --file_format=array_record`), or set TFDS_DATA_DIR."
+    )
+
+
+def _prepared_dir(name: str, data_dir: str | None) -> Path | None:
+    root = Path(data_dir or "~/tensorflow_datasets").expanduser() / name.replace(":", "/")
+    if (root / "dataset_info.json").exists():
+        return root
+    versions = sorted((p for p in root.glob("*") if (p / "dataset_info.json").exists()), key=lambda p: p.name)
+    return versions[-1] if versions else None
+
+
+def build_caption_folder(source_spec: str, out_dir: str | os.PathLike, name: str | None = None) -> Path:
+    """Writes a caption folder (any format `captions:DIR` reads) as a TFDS ArrayRecord dataset.
+
+    Returns the prepared dataset directory; read it back with `tfds:caption_folder/NAME` and
+    `TFDS_DATA_DIR=out_dir` (or `data_dir=` in the spec). Missing or unreadable images are skipped and counted.
+    """
+    from jaxmr.data.spec import parse_source
+
+    tfds = _tfds()
+    probe = parse_source(source_spec, split="all")
+    config_name = name or _slug(Path(getattr(probe, "root", "folder")).name)
+    sources = {}
+    for split, tfds_split in (("train", "train"), ("val", "validation"), ("test", "test")):
+        try:
+            sources[tfds_split] = parse_source(source_spec, split=split)
+        except DataError:
+            continue
+    skipped: list[str] = []
+
+    def examples(source) -> Iterator[tuple[str, dict]]:
+        for i in range(len(source)):
+            record = source[i]
+            try:
+                data = Path(record["image"]).read_bytes()
+                _check_image(data)
+            except (OSError, ValueError) as e:
+                log.warning("skipping %s: %s", record["image"], e)
+                skipped.append(str(record["image"]))
+                continue
+            yield record["id"], {"image": data, "captions": record["captions"], "id": record["id"]}
+
+    class CaptionFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config_name)]  # noqa: RUF012 - TFDS API
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"Caption folder {source_spec}, converted by jaxmr.",
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "captions": tfds.features.Sequence(tfds.features.Text()),
+                        "id": tfds.features.Text(),
+                    }
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: examples(src) for split, src in sources.items()}
+
+        def _generate_examples(self):  # pragma: no cover - _split_generators passes generators directly
+            raise NotImplementedError
+
+    CaptionFolder.name = "caption_folder"
+    builder = CaptionFolder(data_dir=str(out_dir), file_format="array_record")
+    builder.download_and_prepare()
+    if skipped:
+        log.warning("skipped %d unreadable images while converting %s", len(skipped), source_spec)
+    return Path(builder.data_dir)
+
+
+def _check_image(data: bytes) -> None:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+
+
+def _slug(text: str) -> str:
+    slug = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+    return slug or "folder"

