@@ -23,3 +23,55 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices=None) -
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh axes {list(axes)} need {int(np.prod(sizes))} devices, have {len(devices)}")
     return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+# The one rules table: logical axis names (used by the models on parameters and activations) -> mesh axes.
+# A mesh axis the mesh does not have is dropped, so the same table serves [("data", -1)] and data x fsdp.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),  # activations: the batch is split over every data-parallel axis
+    ("embed", "fsdp"),  # parameters: FSDP shards the model width
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+    ("vocab", None),
+    ("length", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None] | None, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules=LOGICAL_RULES
+) -> jax.sharding.PartitionSpec:
+    """Maps logical axis names to a PartitionSpec over `mesh` (unknown names and absent mesh axes -> None)."""
+    if logical is None:
+        return jax.sharding.PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical:
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a in mesh.axis_names and a not in used and mesh.shape[a] > 1)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return jax.sharding.PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=LOGICAL_RULES) -> jax.Array:
+    """Sharding constraint on an activation by logical names, under `jax.set_mesh`; a no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, mesh, rules))
+
+
+def param_shardings(state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
+    """NamedShardings for every nnx Variable in `state` from its logical `out_sharding` metadata."""
+    from flax import nnx
+
+    def sharding(variable):
+        logical = variable.get_metadata().get("out_sharding")
+        return jax.sharding.NamedSharding(mesh, logical_to_spec(logical, mesh, rules))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

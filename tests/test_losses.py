@@ -53,9 +53,9 @@ def test_sharded_equals_single_device(batch, devices, name, form, options):
     args = _args(name, ids)
     argnums = tuple(range(2 + len(args) - 1))  # embeddings, t and b, not ids
     loss_options = {k: v for k, v in options.items() if k != "chunk"}  # chunk is how the ring tiles, not math
-    single = lambda *a: losses.LOSSES[name](*a, **loss_options)[0]  # noqa: E731
+    single = lambda *a: losses.LOSSES[name](*a, **loss_options)[0]
     sharded_fn = losses.sharded_loss(name, mesh, form=form, **options)
-    sharded = lambda *a: sharded_fn(*a)[0]  # noqa: E731
+    sharded = lambda *a: sharded_fn(*a)[0]
     value, grads = jax.value_and_grad(single, argnums)(zimg, ztxt, *args)
     sharding = NamedSharding(mesh, P("data"))
     placed = [jax.device_put(x, sharding) for x in (zimg, ztxt)] + list(args[:-1]) + [jax.device_put(ids, sharding)]
@@ -84,7 +84,7 @@ def test_softmax_by_hand():
     ztxt = jnp.array([[1.0, 0.0], [0.6, 0.8]])
     loss, metrics = losses.softmax_loss(zimg, ztxt, 2.0)
     logits = 2.0 * np.array([[1.0, 0.6], [0.0, 0.8]])
-    lsm = lambda x: x - np.log(np.exp(x).sum(1, keepdims=True))  # noqa: E731
+    lsm = lambda x: x - np.log(np.exp(x).sum(1, keepdims=True))
     i2t = -np.mean(np.diag(lsm(logits)))
     t2i = -np.mean(np.diag(lsm(logits.T)))
     np.testing.assert_allclose(loss, (i2t + t2i) / 2, rtol=1e-6)

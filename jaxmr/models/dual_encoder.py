@@ -1,0 +1,186 @@
+"""The dual encoder (image tower + text tower + projections into one space) and the composed-query fusion.
+
+The model computes no loss: `model(images, tokens)` returns `(zimg, ztxt, extras)` — both L2-normalised
+embeddings in float32 and a dict with the logit scale `t`, the sigmoid bias `b` and diagnostics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmr.models.layers import Mlp, dense, layer_norm, param_count, partitioned
+from jaxmr.models.towers import ConvConfig, ConvNet, TextConfig, TextTransformer, ViT, ViTConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    image: ViTConfig | ConvConfig = dataclasses.field(default_factory=ViTConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    embed_dim: int = 256  # the shared space
+    dtype: str = "float32"  # compute dtype ("bfloat16" keeps float32 parameters and a float32 loss)
+    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+    # Pixel normalisation applied on the device to uint8 images: (x / 255 - mean) / std.
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    init_logit_scale: float = 10.0  # t at initialisation (CLIP: 1 / 0.07; SigLIP: 10)
+    init_logit_bias: float = -10.0  # b at initialisation (SigLIP)
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+
+
+class DualEncoder(nnx.Module):
+    """Image and text towers projected into a shared `embed_dim` space with a learnable temperature."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        if isinstance(config.image, ViTConfig):
+            self.image_tower = ViT(config.image, remat=config.remat, rngs=rngs, dtype=dtype)
+            image_width = config.image.width
+        else:
+            self.image_tower = ConvNet(config.image, remat=config.remat, rngs=rngs, dtype=dtype)
+            image_width = config.image.width
+        self.text_tower = TextTransformer(config.text, remat=config.remat, rngs=rngs, dtype=dtype)
+        self.image_proj = dense(image_width, config.embed_dim, ("embed", None), use_bias=False, rngs=rngs, dtype=dtype)
+        self.text_proj = dense(
+            config.text.width, config.embed_dim, ("embed", None), use_bias=False, rngs=rngs, dtype=dtype
+        )
+        self.log_t = nnx.Param(jnp.asarray(math.log(config.init_logit_scale), jnp.float32))
+        self.b = nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32))
+
+    def _pixels(self, images: jax.Array) -> jax.Array:
+        mean = jnp.asarray(self.config.pixel_mean, jnp.float32)
+        std = jnp.asarray(self.config.pixel_std, jnp.float32)
+        x = (images.astype(jnp.float32) / 255.0 - mean) / std
+        return x.astype(DTYPES[self.config.dtype])
+
+    def image_features(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, H, W, 3] -> projected, unnormalised float32 [B, embed_dim]."""
+        return self.image_proj(self.image_tower(self._pixels(images))).astype(jnp.float32)
+
+    def text_features(self, tokens: jax.Array) -> jax.Array:
+        """int [B, L] -> projected, unnormalised float32 [B, embed_dim]."""
+        return self.text_proj(self.text_tower(tokens)).astype(jnp.float32)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, H, W, 3] -> L2-normalised float32 [B, embed_dim]."""
+        return l2_normalize(self.image_features(images))
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """int [B, L] -> L2-normalised float32 [B, embed_dim]."""
+        return l2_normalize(self.text_features(tokens))
+
+    @property
+    def logit_scale(self) -> jax.Array:
+        return jnp.exp(jnp.minimum(self.log_t[...], math.log(self.config.max_logit_scale)))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        """images uint8 [B, H, W, 3], tokens int [B, L] -> (zimg [B, E], ztxt [B, E], extras)."""
+        img, txt = self.image_features(images), self.text_features(tokens)
+        extras = {
+            "t": self.logit_scale,
+            "b": self.b[...],
+            "img/norm": jnp.linalg.norm(img, axis=-1).mean(),
+            "txt/norm": jnp.linalg.norm(txt, axis=-1).mean(),
+        }
+        return l2_normalize(img), l2_normalize(txt), extras
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class ComposedQuery(nnx.Module):
+    """Text-Image Residual Gating (TIRG): fuses a reference image and a modification text into a query.
+
+    f = w_g * sigmoid(W2 relu(W1 [zimg, ztxt])) * zimg + w_r * MLP([zimg, ztxt]); returned L2-normalised.
+    zimg, ztxt: [B, E] -> [B, E]. Trained with `softmax_loss(f, ztarget, t)` against target-image embeddings.
+    """
+
+    def __init__(self, embed_dim: int, hidden: int | None = None, *, rngs: nnx.Rngs):
+        hidden = hidden or 2 * embed_dim
+        self.gate_in = dense(2 * embed_dim, hidden, (None, "mlp"), rngs=rngs)
+        self.gate_out = dense(hidden, embed_dim, ("mlp", None), rngs=rngs)
+        self.residual_in = layer_norm(2 * embed_dim, rngs=rngs)
+        self.residual = Mlp(2 * embed_dim, hidden, activation="relu", dropout=0.0, rngs=rngs)
+        self.residual_out = dense(2 * embed_dim, embed_dim, (None, None), rngs=rngs)
+        self.w_gate = nnx.Param(partitioned(nnx.initializers.ones_init(), ())(rngs.params(), ()))
+        self.w_residual = nnx.Param(partitioned(nnx.initializers.constant(0.1), ())(rngs.params(), ()))
+
+    def __call__(self, zimg: jax.Array, ztxt: jax.Array) -> jax.Array:
+        if zimg.shape != ztxt.shape:
+            raise ValueError(f"zimg and ztxt must have the same shape [B, E]; got {zimg.shape} and {ztxt.shape}")
+        both = jnp.concatenate([zimg, ztxt], axis=-1)
+        gate = jax.nn.sigmoid(self.gate_out(jax.nn.relu(self.gate_in(both))))
+        residual = self.residual_out(self.residual(self.residual_in(both)))
+        return l2_normalize(self.w_gate[...] * gate * zimg + self.w_residual[...] * residual)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, ModelConfig] = {
+    # ViT d192x4 on 64x64 + text d192x4: the CPU demo and the throughput comparison in TARGETS.md.
+    # Mean pooling: from scratch, a CLS token sits on a long plateau first (measured: loss 2.7 vs 0.75 after
+    # 50 steps on a fixed batch of 32), as "Better plain ViT baselines" also found for GAP.
+    "tiny": ModelConfig(
+        image=ViTConfig(image_size=64, patch=8, width=192, depth=4, heads=3, pool="mean"),
+        text=TextConfig(vocab_size=1024, max_len=32, width=192, depth=4, heads=3),
+        embed_dim=192,
+    ),
+    "tiny_conv": ModelConfig(
+        image=ConvConfig(image_size=64, channels=(32, 64, 128, 192)),
+        text=TextConfig(vocab_size=1024, max_len=32, width=192, depth=4, heads=3),
+        embed_dim=192,
+    ),
+    # CLIP-like sizes: ViT-S/16, ViT-B/16, ViT-L/14 with CLIP's text towers (BPE vocab 49408, 77 tokens, causal).
+    "s16": ModelConfig(
+        image=ViTConfig(image_size=224, patch=16, width=384, depth=12, heads=6, activation="quick_gelu"),
+        text=TextConfig(
+            vocab_size=49408, max_len=77, width=384, depth=12, heads=6, causal=True, activation="quick_gelu"
+        ),
+        embed_dim=384,
+        init_logit_scale=1 / 0.07,
+    ),
+    "b16": ModelConfig(
+        image=ViTConfig(image_size=224, patch=16, width=768, depth=12, heads=12, activation="quick_gelu"),
+        text=TextConfig(
+            vocab_size=49408, max_len=77, width=512, depth=12, heads=8, causal=True, activation="quick_gelu"
+        ),
+        embed_dim=512,
+        init_logit_scale=1 / 0.07,
+    ),
+    "l14": ModelConfig(
+        image=ViTConfig(image_size=224, patch=14, width=1024, depth=24, heads=16, activation="quick_gelu"),
+        text=TextConfig(
+            vocab_size=49408, max_len=77, width=768, depth=12, heads=12, causal=True, activation="quick_gelu"
+        ),
+        embed_dim=768,
+        init_logit_scale=1 / 0.07,
+    ),
+}
+
+
+def abstract_model(config: ModelConfig) -> DualEncoder:
+    """The model's structure with shapes only (nothing allocated): for counting and sharding plans."""
+    return nnx.eval_shape(lambda: DualEncoder(config, rngs=nnx.Rngs(0)))
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters of each part, counted without allocating the model."""
+    model = abstract_model(config)
+    image = param_count(model.image_tower) + param_count(model.image_proj)
+    text = param_count(model.text_tower) + param_count(model.text_proj)
+    return {"image": image, "text": text, "total": param_count(model)}

@@ -1,0 +1,217 @@
+"""The towers: a ViT and a small CPU-friendly convnet for images, a Transformer encoder for text.
+
+Every tower maps its input to features [B, width]; the dual encoder projects them into the shared space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmr.models.layers import Encoder, attention, layer_norm, partitioned
+from jaxmr.sharding import constrain
+
+Pool = Literal["cls", "mean", "map", "eos"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 64  # input side in pixels
+    patch: int = 8  # patch side in pixels
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    pool: Pool = "cls"  # cls token, mean of patch tokens, or "map" (attention pooling with a learned probe)
+    activation: str = "gelu"
+    ln_pre: bool = True  # LayerNorm before the blocks, as in CLIP
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
+        if self.pool not in ("cls", "mean", "map"):
+            raise ValueError(f"ViT pool must be cls, mean or map, got {self.pool!r}")
+
+
+class MapHead(nnx.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens. x [B, L, D] -> [B, D]."""
+
+    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
+        self.probe = nnx.Param(
+            partitioned(nnx.initializers.normal(0.02), (None, None, "embed"))(rngs.params(), (1, 1, width))
+        )
+        self.attn = attention(width, heads, rngs=rngs, dtype=dtype)
+        self.ln = layer_norm(width, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        return self.ln(self.attn(probe, x, deterministic=True))[:, 0]
+
+
+class ViT(nnx.Module):
+    """Vision Transformer. images float [B, H, W, 3] (already normalised) -> features [B, width]."""
+
+    def __init__(self, config: ViTConfig, *, remat: bool = False, rngs: nnx.Rngs, dtype=None):
+        c = self.config = config
+        self.patchify = nnx.Conv(
+            3, c.width, (c.patch, c.patch), strides=(c.patch, c.patch), padding="VALID", use_bias=False, dtype=dtype,
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, "conv_in", "embed")), rngs=rngs,
+        )  # fmt: skip
+        n_tokens = (c.image_size // c.patch) ** 2 + (c.pool == "cls")
+        init = nnx.initializers.normal(0.02)
+        self.pos_embed = nnx.Param(partitioned(init, (None, "length", "embed"))(rngs.params(), (1, n_tokens, c.width)))
+        if c.pool == "cls":
+            self.cls_token = nnx.Param(partitioned(init, (None, None, "embed"))(rngs.params(), (1, 1, c.width)))
+        self.ln_pre = layer_norm(c.width, rngs=rngs, dtype=dtype) if c.ln_pre else None
+        self.encoder = Encoder(
+            c.width, c.depth, c.heads, c.mlp_ratio, activation=c.activation, dropout=c.dropout, remat=remat,
+            rngs=rngs, dtype=dtype,
+        )  # fmt: skip
+        self.ln_post = layer_norm(c.width, rngs=rngs, dtype=dtype)
+        self.map_head = MapHead(c.width, c.heads, rngs=rngs, dtype=dtype) if c.pool == "map" else None
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.shape[1:] != (self.config.image_size, self.config.image_size, 3):
+            raise ValueError(f"ViT expects images [B, {self.config.image_size}, {self.config.image_size}, 3], "
+                             f"got {images.shape}")  # fmt: skip
+        x = self.patchify(images)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.config.pool == "cls":
+            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = constrain(x + self.pos_embed[...].astype(x.dtype), ("batch", "length", "embed"))
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        x = self.encoder(x)
+        if self.config.pool == "map":
+            return self.map_head(self.ln_post(x))
+        x = x[:, 0] if self.config.pool == "cls" else x.mean(axis=1)
+        return self.ln_post(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # one stage each; every stage halves the resolution
+    blocks_per_stage: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError("ConvConfig.channels needs at least one stage")
+
+    @property
+    def width(self) -> int:
+        return self.channels[-1]
+
+
+class ConvBlock(nnx.Module):
+    """3x3 conv -> GroupNorm -> GELU, twice, with a residual connection. x [B, H, W, C] -> same shape."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=None):
+        kernel = partitioned(nnx.initializers.lecun_normal(), (None, None, "conv_in", "conv_out"))
+        self.conv1 = nnx.Conv(channels, channels, (3, 3), dtype=dtype, kernel_init=kernel, rngs=rngs)
+        self.norm1 = nnx.GroupNorm(channels, num_groups=min(8, channels), dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(channels, channels, (3, 3), dtype=dtype, kernel_init=kernel, rngs=rngs)
+        self.norm2 = nnx.GroupNorm(channels, num_groups=min(8, channels), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(self.norm1(self.conv1(x)))
+        return jax.nn.gelu(x + self.norm2(self.conv2(h)))
+
+
+class ConvNet(nnx.Module):
+    """A small residual convnet, cheap on CPUs. images float [B, H, W, 3] -> features [B, channels[-1]]."""
+
+    def __init__(self, config: ConvConfig, *, remat: bool = False, rngs: nnx.Rngs, dtype=None):
+        self.config = config
+        kernel = partitioned(nnx.initializers.lecun_normal(), (None, None, "conv_in", "conv_out"))
+        downs, stages = [], []
+        previous = 3
+        for channels in config.channels:
+            downs.append(
+                nnx.Conv(previous, channels, (3, 3), strides=(2, 2), dtype=dtype, kernel_init=kernel, rngs=rngs)
+            )
+            stages.append(
+                nnx.List([ConvBlock(channels, rngs=rngs, dtype=dtype) for _ in range(config.blocks_per_stage)])
+            )
+            previous = channels
+        self.downs, self.stages = nnx.List(downs), nnx.List(stages)
+        self.ln = layer_norm(config.width, rngs=rngs, dtype=dtype)
+        self.remat = remat
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images
+        for down, stage in zip(self.downs, self.stages, strict=True):
+            x = jax.nn.gelu(down(x))
+            for block in stage:
+                x = (nnx.remat(_call) if self.remat else _call)(block, x)
+        return self.ln(x.mean(axis=(1, 2)))
+
+
+def _call(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 1024
+    max_len: int = 32
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    causal: bool = False  # causal attention (CLIP) or bidirectional (BERT, SigLIP)
+    pool: Pool = "eos"  # the EOS token (last real token), the first token (CLS / BOS), or the masked mean
+    pad_id: int = 0
+    activation: str = "gelu"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("eos", "cls", "mean"):
+            raise ValueError(f"text pool must be eos, cls or mean, got {self.pool!r}")
+
+
+class TextTransformer(nnx.Module):
+    """Transformer text encoder. tokens int [B, L] (padded with pad_id) -> features [B, width]."""
+
+    def __init__(self, config: TextConfig, *, remat: bool = False, rngs: nnx.Rngs, dtype=None):
+        c = self.config = config
+        self.token_embed = nnx.Embed(
+            c.vocab_size, c.width, dtype=dtype, rngs=rngs,
+            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
+        )  # fmt: skip
+        self.pos_embed = nnx.Param(
+            partitioned(nnx.initializers.normal(0.01), (None, "length", "embed"))(
+                rngs.params(), (1, c.max_len, c.width)
+            )
+        )
+        self.encoder = Encoder(
+            c.width, c.depth, c.heads, c.mlp_ratio, activation=c.activation, dropout=c.dropout, remat=remat,
+            rngs=rngs, dtype=dtype,
+        )  # fmt: skip
+        self.ln_final = layer_norm(c.width, rngs=rngs, dtype=dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        c = self.config
+        if tokens.ndim != 2 or tokens.shape[1] > c.max_len:
+            raise ValueError(f"text tower expects tokens [B, L <= {c.max_len}], got {tokens.shape}")
+        length = tokens.shape[1]
+        valid = tokens != c.pad_id  # [B, L]
+        x = self.token_embed(tokens) + self.pos_embed[:, :length].astype(self.token_embed.embedding.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        mask = valid[:, None, None, :]  # keys that may be attended to
+        if c.causal:
+            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+        x = self.ln_final(self.encoder(x, mask))
+        if c.pool == "cls":
+            return x[:, 0]
+        if c.pool == "mean":
+            weights = valid[..., None].astype(x.dtype)
+            return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+        last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # EOS: the last real token
+        return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
