@@ -63,6 +63,19 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a {tokenizer.vocab_size}-token BPE vocabulary on {len(texts)} captions -> {args.out}")
 
 
+def _model_info(args: argparse.Namespace) -> None:
+    from jaxmr.models import PRESETS, parameter_counts
+
+    names = args.presets or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset {unknown[0]!r}; presets: {', '.join(PRESETS)}")
+    print(f"{'preset':<10} {'image':>14} {'text':>14} {'total':>14}")
+    for name in names:
+        counts = parameter_counts(PRESETS[name])
+        print(f"{name:<10} {counts['image']:>14,} {counts['text']:>14,} {counts['total']:>14,}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from jaxmr.demo import run_demo
 
@@ -98,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--size", type=int, default=128, help="tile side in pixels")
     to_tfds.add_argument("--out", required=True, help="TFDS data_dir to write into")
     to_tfds.add_argument("--name", default=None, help="config name (default: the folder's name)")
+
+    model = commands.add_parser("model", help="inspect model presets")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    model_info = add("info", _model_info, "print parameter counts of model presets", model_commands)
+    model_info.add_argument("presets", nargs="*", help="preset names (default: all)")
 
     tok = commands.add_parser("tokenizer", help="train a caption tokenizer")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")

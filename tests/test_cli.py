@@ -20,3 +20,11 @@ def test_preview_and_tokenizer(tmp_path, capsys):
     assert Image.open(out).size == (4 * 128, 2 * (128 + 54))
     assert main(["tokenizer", "train", "shapes:n=50", "--out", str(tmp_path / "tok"), "--vocab-size", "300"]) == 0
     assert (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_model_info(capsys):
+    assert main(["model", "info", "tiny", "b16"]) == 0
+    out = capsys.readouterr().out
+    assert "149,620,738" in out and "tiny" in out
+    assert main(["model", "info", "huge"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
