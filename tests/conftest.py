@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Generated data (the shapes cache) goes to a fresh folder per test session, not the user's ~/.cache.
+os.environ.setdefault("JAXMR_CACHE", __import__("tempfile").mkdtemp(prefix="jaxmr-test-cache-"))
 
 from pathlib import Path
 

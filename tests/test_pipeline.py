@@ -179,3 +179,12 @@ def test_flickr8k_pipeline(flickr8k):
     config = PipelineConfig(batch_size=8, image_size=224, crop_scale=(0.6, 1.0))
     (batch,) = _take(train_iterator(source, tokenizer, config), 1)
     assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].std() > 10
+
+
+def test_shuffle_groups_keep_twins_together(shapes, tokenizer):
+    config = PipelineConfig(batch_size=16, image_size=32, shuffle_group=2, num_epochs=1)
+    batches = _take(train_iterator(shapes, tokenizer, config), 6)
+    for batch in batches:
+        pairs = batch["index"].reshape(-1, 2)
+        assert (pairs[:, 0] % 2 == 0).all() and (pairs[:, 1] == pairs[:, 0] + 1).all()
+    assert sorted(np.concatenate([b["index"] for b in batches]).tolist()) == list(range(96))

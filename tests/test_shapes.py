@@ -90,3 +90,15 @@ def test_bad_options_fail_clearly():
         parse_source("shapes:size=2")
     with pytest.raises(DataError, match="is empty"):
         parse_source("shapes:n_test=0", "test")
+
+
+def test_cached_images_equal_rendered_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXMR_CACHE", str(tmp_path))
+    cached = ShapesSource(ShapesConfig(n=30, size=32))
+    drawn = ShapesSource(ShapesConfig(n=30, size=32), cache=False)
+    for i in (0, 13, 29):
+        np.testing.assert_array_equal(cached[i]["image"], drawn[i]["image"])
+    assert len(list((tmp_path / "shapes").glob("*.npy"))) == 1
+    import pickle
+
+    assert len(pickle.dumps(cached)) < 2000  # the memory map never travels to grain workers

@@ -16,6 +16,7 @@ import dataclasses
 import io
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,17 @@ class PipelineConfig:
     num_epochs: int | None = None  # None: repeat forever
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = resize only
     num_workers: int = 0  # grain worker processes; 0 decodes in the main process
-    worker_buffer_size: int = 2  # elements each worker keeps ready
+    worker_buffer_size: int = 2  # batches each worker keeps ready
+    read_threads: int = 4  # threads decoding ahead in each process (grain's default of 16 starves XLA on 2 cores)
     strict: bool = False  # raise on an unreadable image instead of skipping it
+    shuffle_group: int = 1  # shuffle runs of this many consecutive records as units (shapes: 2 keeps twins together)
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if self.batch_size < 1 or self.image_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size and image_size must be positive and num_workers >= 0")
+        if self.batch_size < 1 or self.image_size < 1 or self.num_workers < 0 or self.shuffle_group < 1:
+            raise ValueError("batch_size, image_size and shuffle_group must be positive and num_workers >= 0")
 
 
 class ImageReadError(DataError):
@@ -103,6 +106,25 @@ def decode(image: Any, size: int, crop_scale=(1.0, 1.0), rng: np.random.Generato
     crop = crop_scale != (1.0, 1.0) and rng is not None
     pil = load_image(image, min_side=int(size / math.sqrt(crop_scale[0])) if crop else size)
     return _random_resized_crop(pil, size, crop_scale, rng) if crop else _center_square(pil, size)
+
+
+class Ungroup(grain.MapDataset):
+    """Group ids -> record indices: element k is record group * size + k % size of group parent[k // size]."""
+
+    def __init__(self, parent: grain.MapDataset, size: int):
+        super().__init__(parent)
+        self._size = size
+
+    def __len__(self) -> int:
+        return min(len(self._parent) * self._size, sys.maxsize)  # a repeat-forever parent is sys.maxsize long
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[index // self._size] * self._size + index % self._size
+
+    def __str__(self) -> str:
+        return f"Ungroup(size={self._size})"
 
 
 class TrainExample(grain.transforms.RandomMap):
@@ -261,10 +283,17 @@ def train_iterator(
     process_count = jax.process_count() if process_count is None else process_count
     if config.batch_size % process_count:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
-    dataset = grain.MapDataset.range(len(source)).seed(config.seed).shuffle().repeat(config.num_epochs)
+    group = config.shuffle_group
+    if len(source) < group:
+        raise DataError(f"{source.name}: {len(source)} records cannot fill one shuffle group of {group}")
+    dataset = grain.MapDataset.range(len(source) // group).seed(config.seed).shuffle().repeat(config.num_epochs)
+    if group > 1:  # hard negatives stored side by side stay side by side (a trailing partial group is left out)
+        dataset = Ungroup(dataset, group)
     dataset = dataset[process_index::process_count]
-    dataset = dataset.random_map(TrainExample(source, tokenizer, config)).to_iter_dataset()
-    dataset = ReadableBatches(dataset, config.batch_size // process_count)
+    local_batch = config.batch_size // process_count
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2 * local_batch)
+    dataset = dataset.random_map(TrainExample(source, tokenizer, config)).to_iter_dataset(read)
+    dataset = ReadableBatches(dataset, local_batch)
     dataset = _in_workers(dataset, config.num_workers, config.worker_buffer_size)
     return TrainIterator(dataset, data_sharding(mesh, data_axes) if mesh is not None else None)
 

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
+import os
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -189,16 +193,57 @@ def _caption(scene: list[Obj], rng: np.random.Generator, swapped: tuple[int, int
     return templates[int(rng.integers(len(templates)))]
 
 
-class ShapesSource:
-    """Random-access source of one split of the shapes world (renders on access)."""
+RENDER_VERSION = 1  # bump when rendering changes, so that cached images are not reused
 
-    def __init__(self, config: ShapesConfig, split: str | None = "train") -> None:
+
+def cache_dir() -> Path:
+    """Where generated data is kept: $JAXMR_CACHE, else ~/.cache/jaxmr."""
+    return Path(os.environ.get("JAXMR_CACHE", "~/.cache/jaxmr")).expanduser()
+
+
+class ShapesSource:
+    """Random-access source of one split of the shapes world.
+
+    The split's images are rendered once (a few seconds for 10,000) into a .npy file under `cache_dir()` and
+    read back memory-mapped, so training spends no CPU on drawing; `cache=False` renders on every access.
+    """
+
+    def __init__(self, config: ShapesConfig, split: str | None = "train", cache: bool = True) -> None:
         split = canonical_split(split) or "train"
         self.config = config
         self.split = split
+        self.cache = cache
         self.name = f"shapes:n={config.n},size={config.size},seed={config.seed}"
         if config.count(split) == 0:
             raise DataError(f"split {split!r} of {self.name} is empty (n_{split} = 0)")
+        self._images: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:  # never pickle the memory map's contents into grain workers
+        return {**self.__dict__, "_images": None}
+
+    def render(self, index: int) -> np.ndarray:
+        """The image of record `index`, drawn now: uint8 [size, size, 3]."""
+        return render(self.scene(index)[0], self.config.size, background_seed=(self.config.seed, index))
+
+    _lock = threading.Lock()  # grain's reader threads share one source: build the cache once
+
+    def images(self) -> np.ndarray:
+        """All images of the split, uint8 [n, size, size, 3], memory-mapped from the cache (made on first use)."""
+        with self._lock:
+            return self._load_images()
+
+    def _load_images(self) -> np.ndarray:
+        if self._images is None:
+            c = self.config
+            path = cache_dir() / "shapes" / f"v{RENDER_VERSION}-seed{c.seed}-size{c.size}-{self.split}-n{len(self)}.npy"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                images = np.stack([self.render(i) for i in range(len(self))])
+                partial = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial.npy")
+                np.save(partial, images)
+                os.replace(partial, path)  # atomic: concurrent writers produce the same bytes
+            self._images = np.load(path, mmap_mode="r")
+        return self._images
 
     def __len__(self) -> int:
         return self.config.count(self.split)
@@ -233,8 +278,17 @@ class ShapesSource:
     def __getitem__(self, index: int) -> Record:
         index = int(index)
         scene, info = self.scene(index)
+        if self.cache:
+            try:
+                image = np.array(self.images()[index])
+            except OSError as e:  # a read-only or full cache: draw instead
+                self.cache = False
+                logging.getLogger(__name__).warning("shapes cache unavailable (%s); rendering on access", e)
+                image = self.render(index)
+        else:
+            image = render(scene, self.config.size, background_seed=(self.config.seed, index))
         return {
-            "image": render(scene, self.config.size, background_seed=(self.config.seed, index)),
+            "image": image,
             "captions": self._captions(index, scene, info),
             "id": f"shapes-{self.split}-{index:06d}",
             "metadata": {"objects": [dataclasses.asdict(o) for o in scene], **info},
