@@ -83,6 +83,8 @@ def test_vit_pools_and_conv_tower(pool):
     config = dataclasses.replace(SMALL, image=dataclasses.replace(SMALL.image, pool=pool))
     images, _ = _inputs()
     assert encode_image(DualEncoder(config, rngs=nnx.Rngs(0)), images).shape == (4, 32)
+    stem = dataclasses.replace(SMALL, image=dataclasses.replace(SMALL.image, pool=pool, stem="conv"))
+    assert encode_image(DualEncoder(stem, rngs=nnx.Rngs(0)), images).shape == (4, 32)
     conv = dataclasses.replace(SMALL, image=ConvConfig(image_size=32, channels=(8, 16)))
     assert encode_image(DualEncoder(conv, rngs=nnx.Rngs(0)), images).shape == (4, 32)
 

@@ -59,16 +59,18 @@ class Mlp(nnx.Module):
         self.fc1 = dense(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.fc2 = dense(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
         self.activation = ACTIVATIONS[activation]
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        # No Dropout module (and so no RNG state in the model) unless dropout is asked for.
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = constrain(self.activation(self.fc1(x)), ("batch", "length", "mlp"))
-        return self.fc2(self.dropout(h))
+        return self.fc2(self.dropout(h) if self.dropout is not None else h)
 
 
 def attention(width: int, heads: int, *, rngs: nnx.Rngs, dtype=None, dropout: float = 0.0) -> nnx.MultiHeadAttention:
     return nnx.MultiHeadAttention(
         num_heads=heads, in_features=width, dtype=dtype, decode=False, dropout_rate=dropout, rngs=rngs,
+        keep_rngs=dropout > 0,
         kernel_init=partitioned(INIT, ("embed", "heads", "kv")),
         out_kernel_init=partitioned(INIT, ("heads", "kv", "embed")),
         bias_init=partitioned(nnx.initializers.zeros_init(), ("heads", "kv")),
