@@ -76,10 +76,30 @@ def _model_info(args: argparse.Namespace) -> None:
         print(f"{name:<10} {counts['image']:>14,} {counts['text']:>14,} {counts['total']:>14,}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from train.main import run
+
+    run(args)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from jaxmr.trainer import evaluate
+
+    metrics = evaluate(args.workdir, args.data, args.split)
+    if args.json:
+        keys = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_median_rank", "i2t_median_rank",
+                "n_images", "n_captions")  # fmt: skip
+        print(json.dumps({k: metrics[k] for k in keys}))
+        return
+    from jaxmr.demo import print_table
+
+    print_table(metrics)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from jaxmr.demo import run_demo
 
-    run_demo(Path(args.workdir), steps=args.batches)
+    run_demo(Path(args.workdir), args.config)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +114,16 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = add("demo", _demo, "run the product end to end on the built-in shapes world")
     demo.add_argument("--workdir", default="runs/demo", help="where runs and artifacts go (reused when present)")
-    demo.add_argument("--batches", type=int, default=50, help="input-pipeline batches to time")
+    demo.add_argument("--config", default=None, help="a config to train instead of configs/shapes_tiny.py")
+
+    from train.main import add_arguments
+
+    add_arguments(add("train", _train, "train a dual encoder from a config file (resumes a workdir)"))
+    evaluate = add("eval", _eval, "Recall@K of a run's latest checkpoint on its eval split or any source")
+    evaluate.add_argument("--workdir", required=True, help="a training run directory")
+    evaluate.add_argument("--data", default=None, help=f"{SPEC_HELP} (default: the run's own)")
+    evaluate.add_argument("--split", default=None, help="train | val (= dev) | test (default: the run's eval split)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
     data = commands.add_parser("data", help="inspect, preview and convert data sources")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -130,7 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # Our messages at INFO, the libraries' (orbax, absl) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    logging.getLogger("jaxmr").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
     try:
         args.run(args)

@@ -1,8 +1,8 @@
 """`jaxmr demo`: the product end to end on the built-in shapes world, with what exists so far.
 
-Today: the data stages (generate the shapes world, preview it, learn the caption tokenizer, run and time the
-input pipeline). Training, index building and the search server join here as `jaxmr train`, `jaxmr index`
-and `jaxmr serve` land.
+Today: preview the shapes world, train `configs/shapes_tiny.py` (or reuse a finished run in the workdir) and
+print the text<->image recall table on the test split. Index building and the search server join here as
+`jaxmr index` and `jaxmr serve` land.
 """
 
 from __future__ import annotations
@@ -10,53 +10,40 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from jaxmr.data import PipelineConfig, caption_table, parse_source, train_iterator
-from jaxmr.text import Tokenizer, load_tokenizer, train_bpe
+from jaxmr.config import load_config_file
+from jaxmr.data import parse_source
+from jaxmr.trainer import evaluate, read_metrics, train
 from jaxmr.viz import caption_grid
 
-DEMO_SOURCE = "shapes:n=10000,size=64,seed=0"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
 
 
-def demo_tokenizer(workdir: Path, source_spec: str = DEMO_SOURCE) -> Tokenizer:
-    """The demo's BPE tokenizer, learned once from the training captions and reused."""
-    path = workdir / "tokenizer"
-    if (path / "tokenizer.json").exists():
-        return load_tokenizer(path)
-    texts, _ = caption_table(parse_source(source_spec, "train"))
-    tokenizer = train_bpe(texts, vocab_size=1024, max_len=32)
-    tokenizer.save(path)
-    return tokenizer
+def print_table(metrics: dict) -> None:
+    print(f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median rank':>14}")
+    for name, key in (("text->image", "t2i"), ("image->text", "i2t")):
+        row = "".join(f"{metrics[f'{key}_r{k}']:>8.3f}" for k in (1, 5, 10))
+        print(f"{name:<14}{row}{metrics[f'{key}_median_rank']:>14.1f}")
+    print(f"{metrics['n_images']} images, {metrics['n_captions']} captions")
 
 
-def run_demo(workdir: Path, steps: int = 50) -> None:
+def run_demo(workdir: Path, config_spec: str | None = None) -> None:
+    config = load_config_file(config_spec or str(CONFIG))
     workdir.mkdir(parents=True, exist_ok=True)
-    splits = {split: parse_source(DEMO_SOURCE, split) for split in ("train", "val", "test")}
-    print("shapes world: " + ", ".join(f"{s} {len(src)} images" for s, src in splits.items()))
+    train_split = parse_source(config.data.source, "train")
     preview = workdir / "shapes_preview.png"
-    caption_grid([splits["train"][i] for i in range(16)], preview)
-    print(f"preview of the first 16 training images and captions: {preview}")
+    caption_grid([train_split[i] for i in range(16)], preview)
+    print(f"1/3 data: {train_split.name}, {len(train_split)} training images; preview: {preview}")
 
-    start = time.perf_counter()
-    tokenizer = demo_tokenizer(workdir)
-    print(
-        f"tokenizer: {tokenizer.vocab_size} BPE tokens, max length {tokenizer.max_len} "
-        f"({time.perf_counter() - start:.1f} s) -> {workdir / 'tokenizer'}"
-    )
+    run = workdir / "shapes_tiny"
+    done = [m["step"] for m in read_metrics(run) if "train/loss" in m]
+    if done and max(done) >= config.steps:
+        print(f"2/3 train: reusing the finished run in {run}")
+    else:
+        print(f"2/3 train: {config.steps} steps of batch {config.batch_size} -> {run} (resumes if interrupted)")
+        start = time.perf_counter()
+        train(config, run)
+        print(f"    trained in {time.perf_counter() - start:.0f} s")
 
-    iterator = train_iterator(splits["train"], tokenizer, PipelineConfig(batch_size=256, image_size=64))
-    try:
-        batch = next(iterator)
-        start, images = time.perf_counter(), 0
-        for _ in tqdm(range(steps), desc="input pipeline", unit="batch"):
-            images += len(next(iterator)["image"])
-        rate = images / (time.perf_counter() - start)
-    finally:
-        iterator.close()
-    print(
-        f"input pipeline: {rate:.0f} images/s; batch image {batch['image'].shape} {batch['image'].dtype}, "
-        f"text {batch['text'].shape} {batch['text'].dtype}"
-    )
-    print(f"first caption of the first batch: {tokenizer.decode(batch['text'][:1])[0]!r}")
-    print("next: `jaxmr train`, `jaxmr index` and `jaxmr serve` extend this demo to a search UI as they land.")
+    print("3/3 evaluate on the shapes test split (1,000 images, 5,000 captions):")
+    print_table(evaluate(run, split="test"))
+    print("next: `jaxmr index` and `jaxmr serve` extend this demo to a search UI as they land.")

@@ -9,8 +9,15 @@ import numpy as np
 
 
 def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices=None) -> jax.sharding.Mesh:
-    """A mesh over `devices` (default: all); one axis size may be -1 to take the remaining devices."""
+    """A mesh over `devices` (default: all); one axis size may be -1 to take the remaining devices.
+
+    Fully specified axes that need fewer devices than there are take the first ones ([("data", 1)] runs on
+    one device of eight), so a run can be pinned to fewer devices without listing them."""
     devices = list(devices if devices is not None else jax.devices())
+    if -1 not in [size for _, size in axes]:
+        needed = int(np.prod([size for _, size in axes]))
+        if needed < len(devices):
+            devices = devices[:needed]
     names = tuple(name for name, _ in axes)
     sizes = [size for _, size in axes]
     if sizes.count(-1) > 1:

@@ -1,0 +1,216 @@
+"""Typed training configs: nested frozen dataclasses, `key=value` overrides that fail loudly on a typo, and
+a JSON form saved in every workdir (so evaluation and serving rebuild the exact model without the .py file).
+
+A config file is a Python module with `get_config(arg: str | None = None) -> TrainConfig`; its docstring
+holds the launch command.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from jaxmr.models import ConvConfig, ModelConfig, TextConfig, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"  # source spec, see jaxmr.data.spec
+    train_split: str = "train"
+    eval_split: str = "val"
+    image_size: int = 64
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = resize only
+    num_workers: int = 0  # grain worker processes
+    shuffle_group: int = 1  # records shuffled as units (shapes: 2 puts each twin pair in the same batch)
+    tokenizer: str = "bpe"  # "bpe" (learned from the training captions) or "wordpiece" (MiniLM's vocabulary)
+    vocab_size: int = 1024  # for "bpe"
+    max_len: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 100
+    end_lr_fraction: float = 0.0  # cosine decays to lr * this
+    weight_decay: float = 0.1  # on matrices only (kernels, embeddings), never on biases, norms, t, b
+    b1: float = 0.9
+    b2: float = 0.98
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    freeze: tuple[str, ...] = ()  # regexes over parameter paths ("image_tower/.*" = LiT); frozen get no update
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    name: str = "softmax"  # softmax | sigmoid | triplet
+    form: str = "gather"  # how the sharded loss is computed: gather | ring (softmax, sigmoid)
+    margin: float = 0.2  # triplet
+    negatives: str = "hardest"  # triplet: hardest | semi_hard | all
+
+    def __post_init__(self) -> None:
+        if self.name not in ("softmax", "sigmoid", "triplet"):
+            raise ValueError(f"loss.name must be softmax, sigmoid or triplet, got {self.name!r}")
+        if self.form not in ("gather", "ring"):
+            raise ValueError(f"loss.form must be gather or ring, got {self.form!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    mesh: tuple[tuple[str, int], ...] = (("data", -1),)  # mesh axes; -1 takes the remaining devices
+    batch_size: int = 256  # global
+    grad_accum: int = 1  # GradCache micro-batches per step (all negatives kept)
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 20
+    eval_every: int = 500  # and at the end
+    eval_batch_size: int = 256
+    checkpoint_every: int = 500  # and at the end
+    keep_checkpoints: int = 2  # the latest K, plus the best by best_metric
+    best_metric: str = "t2i_r1"  # higher is better
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every) < 1:
+            raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
+
+
+# Every dataclass a config may contain, by name: the JSON form records which one a field holds.
+CONFIG_TYPES = {cls.__name__: cls for cls in (TrainConfig, ModelConfig, ViTConfig, ConvConfig, TextConfig,
+                                              DataConfig, OptimConfig, LossConfig)}  # fmt: skip
+
+
+def to_dict(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        out = {"__type__": type(config).__name__}
+        out.update({f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)})
+        return out
+    if isinstance(config, tuple | list):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def from_dict(data: Any) -> Any:
+    if isinstance(data, dict) and "__type__" in data:
+        cls = CONFIG_TYPES[data["__type__"]]
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(from_dict(v), hints[k]) for k, v in data.items() if k != "__type__"})
+    if isinstance(data, list):
+        return [from_dict(v) for v in data]
+    return data
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Lists from JSON back to the tuples the dataclasses declare (recursively)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, options[0]) if len(options) == 1 else value
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=False)) if args else tuple(value)
+    return value
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return from_dict(json.loads(Path(path).read_text()))
+
+
+def override(config: Any, key: str, raw: str, _path: str = "") -> Any:
+    """A copy of `config` with the dotted `key` set to `raw` parsed as a Python literal (or kept as a string).
+
+    An unknown key raises ValueError naming the fields that exist; the value must match the field's type.
+    """
+    head, _, rest = key.partition(".")
+    full = _path + key
+    names = [f.name for f in dataclasses.fields(config)]
+    if head not in names:
+        raise ValueError(f"unknown config key {full!r}: {type(config).__name__} has {', '.join(names)}")
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full!r}: {head} is not a group of settings")
+        return dataclasses.replace(config, **{head: override(current, rest, raw, f"{_path}{head}.")})
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(current, bool) != isinstance(value, bool) or (
+        current is not None and not isinstance(value, type(current)) and not _numeric(current, value)
+    ):
+        raise ValueError(f"config key {full!r} is a {type(current).__name__}, got {raw!r}")
+    if isinstance(current, float):
+        value = float(value)
+    if isinstance(current, tuple):
+        value = tuple(value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def _numeric(current: Any, value: Any) -> bool:
+    return isinstance(current, float) and isinstance(value, int)
+
+
+def load_config_file(spec: str) -> TrainConfig:
+    """`path/to/config.py[:arg][,key=value,...]` -> the TrainConfig it describes, overrides applied.
+
+    After the ':' come comma-separated items; a first item with no '=' is passed to get_config(arg). Values
+    may contain ':' (`data.source=captions:/data/flickr8k`) and brackets (`data.crop_scale=(0.5, 1.0)`).
+    """
+    path, _, tail = spec.partition(".py")
+    path = Path(path + ".py")
+    if not path.is_file():
+        raise ValueError(f"config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"jaxmr_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config()")
+    if tail and not tail.startswith(":"):
+        raise ValueError(f"config spec {spec!r}: expected path.py[:arg][,key=value,...]")
+    items = _split_items(tail[1:]) if tail else []
+    arg = items.pop(0).strip() if items and "=" not in items[0] else None
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    return apply_overrides(config, items)
+
+
+def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        config = override(config, key.strip(), raw.strip())
+    return config
+
+
+def _split_items(text: str) -> list[str]:
+    """Splits 'a=1,b=(1, 2),c=x' at the commas that are not inside brackets or quotes."""
+    items, depth, start, quote = [], 0, 0, None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [i for i in items if i.strip()]

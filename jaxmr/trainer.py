@@ -1,0 +1,554 @@
+"""Training: the state, the optimizer, one jitted `train_step` (with GradCache), evaluation, checkpoints.
+
+`train/main.py` and `jaxmr train` are thin layers over `train(config, workdir)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmr import losses
+from jaxmr.config import DataConfig, LossConfig, OptimConfig, TrainConfig, load_config, save_config
+from jaxmr.data import (
+    DataError,
+    EvalStats,
+    PipelineConfig,
+    Source,
+    caption_table,
+    eval_caption_batches,
+    eval_image_batches,
+    parse_source,
+    train_iterator,
+)
+from jaxmr.eval import retrieval_metrics
+from jaxmr.models import DualEncoder, ModelConfig
+from jaxmr.sharding import make_mesh, param_shardings
+from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
+
+log = logging.getLogger(__name__)
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: dict  # pure nested dict of the model's nnx.Params
+    opt_state: Any
+    rng: jax.Array  # the run's base key; each step folds its step number in
+
+
+# ------------------------------------------------------------------------------------------ model and mesh
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> str | tuple[str, ...]:
+    """The mesh axes the batch is split over: every data-parallel axis the mesh has."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"the mesh needs a 'data' or 'fsdp' axis, has {mesh.axis_names}")
+    return axes[0] if len(axes) == 1 else axes
+
+
+def model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, their Variables for sharding rules)."""
+    abstract = nnx.eval_shape(lambda: DualEncoder(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, nnx.to_pure_dict(state), state
+
+
+def param_paths(params: dict) -> dict:
+    """The same tree with each leaf replaced by its path string, e.g. 'image_tower/encoder/blocks/0/mlp/fc1/kernel'."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(config: OptimConfig, steps: int, params: dict) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW with linear warmup + cosine decay, global-norm clipping, weight decay on matrices only, and
+    parameters frozen by regex (they get exactly zero updates)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.lr, min(config.warmup_steps, max(steps - 1, 1)), max(steps, 2), config.lr * config.end_lr_fraction
+    )
+    decay_mask = jax.tree.map(lambda x: len(x.shape) >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask),
+    )
+    if config.freeze:
+        paths = param_paths(params)
+        for pattern in config.freeze:
+            if not any(re.fullmatch(pattern, p) for p in jax.tree.leaves(paths)):
+                raise ValueError(f"freeze pattern {pattern!r} matches no parameter (paths look like 'text_tower/...')")
+        labels = jax.tree.map(lambda p: "frozen" if any(re.fullmatch(r, p) for r in config.freeze) else "train", paths)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def make_loss(config: LossConfig, mesh: jax.sharding.Mesh) -> Callable:
+    """loss(zimg, ztxt, extras, ids) -> (loss, metrics): the configured loss, sharded when the mesh is."""
+    options = {"margin": config.margin, "negatives": config.negatives} if config.name == "triplet" else {}
+    if mesh.size == 1:
+        fn = functools.partial(losses.LOSSES[config.name], **options)
+    else:
+        fn = losses.sharded_loss(config.name, mesh, axis=batch_axes(mesh), form=config.form, **options)
+    if config.name == "softmax":
+        return lambda zimg, ztxt, extras, ids: fn(zimg, ztxt, extras["t"], ids)
+    if config.name == "sigmoid":
+        return lambda zimg, ztxt, extras, ids: fn(zimg, ztxt, extras["t"], extras["b"], ids)
+    return lambda zimg, ztxt, extras, ids: fn(zimg, ztxt, ids)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1):
+    """(loss, metrics, extras, grads) for one global batch.
+
+    With grad_accum > 1 this is GradCache: embed every micro-batch without keeping its graph, compute the
+    loss on the whole batch (every negative kept), then back-propagate micro-batch by micro-batch through
+    the cached embedding gradients. The gradient equals the full-batch one; activation memory is that of
+    one micro-batch.
+    """
+    ids = batch["index"]
+
+    def embed(params, images, tokens):
+        zimg, ztxt, extras = nnx.merge(graphdef, params)(images, tokens)
+        return (zimg, ztxt), extras
+
+    if grad_accum == 1:
+
+        def loss_of(params):
+            (zimg, ztxt), extras = embed(params, batch["image"], batch["text"])
+            loss, metrics = loss_fn(zimg, ztxt, extras, ids)
+            return loss, (metrics, extras)
+
+        (loss, (metrics, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, metrics, extras, grads
+
+    size = batch["image"].shape[0]
+
+    def micro(x):
+        return x.reshape(grad_accum, size // grad_accum, *x.shape[1:])
+
+    images, tokens = micro(batch["image"]), micro(batch["text"])
+
+    def embed_only(_, mb):
+        return None, embed(params, *mb)[0]
+
+    _, (zimg, ztxt) = jax.lax.scan(embed_only, None, (images, tokens))
+    zimg, ztxt = zimg.reshape(size, -1), ztxt.reshape(size, -1)
+
+    def scalars(params):
+        model = nnx.merge(graphdef, params)
+        return {"t": model.logit_scale, "b": model.b[...]}
+
+    def loss_of(zimg, ztxt, params):
+        loss, metrics = loss_fn(zimg, ztxt, scalars(params), ids)
+        return loss, metrics
+
+    (loss, metrics), (g_img, g_txt, grads) = jax.value_and_grad(loss_of, (0, 1, 2), has_aux=True)(zimg, ztxt, params)
+
+    def backprop(acc, mb):
+        images, tokens, g_img, g_txt = mb
+        _, vjp = jax.vjp(lambda p: embed(p, images, tokens)[0], params)
+        return jax.tree.map(jnp.add, acc, vjp((g_img, g_txt))[0]), None
+
+    grads, _ = jax.lax.scan(backprop, grads, (images, tokens, micro(g_img), micro(g_txt)))
+    extras = {**scalars(params), "img/norm": jnp.float32(1.0), "txt/norm": jnp.float32(1.0)}
+    return loss, metrics, extras, grads
+
+
+def make_train_step(graphdef, tx, schedule, loss_fn, grad_accum: int = 1) -> Callable:
+    """train_step(state, batch) -> (state, metrics): one optimizer step on one global batch."""
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, metrics, extras, grads = compute_grads(graphdef, loss_fn, state.params, batch, grad_accum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        measurements = {
+            "loss": loss,
+            "t": extras["t"],
+            "b": extras["b"],
+            "img/norm": extras["img/norm"],
+            "txt/norm": extras["txt/norm"],
+            "lr": schedule(state.step),
+            "l2_grads": optax.tree.norm(grads),
+            "l2_params": optax.tree.norm(params),
+            "l2_updates": optax.tree.norm(updates),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {**metrics, **measurements}
+
+    return train_step
+
+
+@dataclasses.dataclass
+class Trainable:
+    """Everything jitted for a config on a mesh: shapes and shardings planned once, then reused."""
+
+    config: TrainConfig
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    init: Callable  # () -> TrainState, placed on the mesh
+    step: Callable  # (state, batch) -> (state, metrics), donates state
+
+    def abstract_state(self) -> TrainState:
+        shapes = jax.eval_shape(self.init)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+
+def build(config: TrainConfig, mesh: jax.sharding.Mesh) -> Trainable:
+    axes = batch_axes(mesh)
+    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    for name, size in (
+        ("batch_size", config.batch_size // config.grad_accum),
+        ("eval_batch_size", config.eval_batch_size),
+    ):
+        if size % shards:
+            what = "batch_size / grad_accum" if name == "batch_size" and config.grad_accum > 1 else name
+            raise ValueError(f"{what} = {size} does not split over the {shards} devices of the batch axes {axes}")
+    graphdef, abstract_params, variables = model_graph(config.model)
+    tx, schedule = make_optimizer(config.optim, config.steps, abstract_params)
+    params_sharding = nnx.to_pure_dict(param_shardings(variables, mesh))
+    replicated = NamedSharding(mesh, P())
+
+    def init() -> TrainState:
+        model = DualEncoder(config.model, rngs=nnx.Rngs(config.seed))
+        params = nnx.to_pure_dict(nnx.state(model))
+        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key(config.seed))
+
+    shapes = jax.eval_shape(init)
+    # Optimizer moments are shaped like the parameters and sharded like them; counters are replicated.
+    opt_sharding = _like_params(shapes.opt_state, abstract_params, params_sharding, replicated)
+    state_shardings = TrainState(replicated, params_sharding, opt_sharding, replicated)
+    batch_sharding = NamedSharding(mesh, P(batch_axes(mesh)))
+    step = make_train_step(graphdef, tx, schedule, make_loss(config.loss, mesh), config.grad_accum)
+    return Trainable(
+        config=config, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        init=jax.jit(init, out_shardings=state_shardings),
+        step=jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+    )  # fmt: skip
+
+
+def _like_params(opt_shapes, params, params_sharding, replicated):
+    """Shardings for an optimizer state: subtrees shaped like the params get the params' shardings."""
+    param_struct = jax.tree.structure(params)
+
+    def visit(node):
+        if jax.tree.structure(node) == param_struct:
+            return params_sharding
+        return None
+
+    return jax.tree.map(
+        lambda node: visit(node) or jax.tree.map(lambda _: replicated, node),
+        opt_shapes,
+        is_leaf=lambda node: jax.tree.structure(node) == param_struct or not jax.tree.leaves(node),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(config: DataConfig, source: Source, workdir: Path) -> Tokenizer:
+    """The run's tokenizer: loaded from the workdir when it is there, else made and saved there."""
+    path = workdir / "tokenizer"
+    if (path / "tokenizer.json").exists():
+        return load_tokenizer(path)
+    if config.tokenizer == "wordpiece":
+        tokenizer = minilm_wordpiece(config.max_len)
+    elif config.tokenizer == "bpe":
+        texts, _ = caption_table(source)
+        if not texts:
+            raise DataError(f"{source.name}: no captions to learn a tokenizer from")
+        tokenizer = train_bpe(texts, vocab_size=config.vocab_size, max_len=config.max_len)
+    else:
+        raise ValueError(f"data.tokenizer must be bpe or wordpiece, got {config.tokenizer!r}")
+    tokenizer.save(path)
+    return tokenizer
+
+
+def check_compatible(config: TrainConfig, tokenizer: Tokenizer) -> None:
+    text = config.model.text
+    if tokenizer.vocab_size > text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is {text.vocab_size}"
+        )
+    if tokenizer.max_len > text.max_len:
+        raise ValueError(f"data.max_len {tokenizer.max_len} exceeds model.text.max_len {text.max_len}")
+    image = config.model.image
+    if image.image_size != config.data.image_size:
+        raise ValueError(f"data.image_size {config.data.image_size} != model image_size {image.image_size}")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Recall@K both ways on a captioned split, with every caption of every image (big_vision style: pure
+    metrics in `jaxmr.eval`, this class only embeds)."""
+
+    def __init__(self, source: Source, tokenizer: Tokenizer, trainable: Trainable, batch_size: int):
+        self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
+        self.sharding = trainable.batch_sharding
+        self.image_size = trainable.config.data.image_size
+        graphdef, replicated = trainable.graphdef, NamedSharding(trainable.mesh, P())
+        in_shardings = (trainable.state_shardings.params, self.sharding)
+        self.encode_image = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x), in_shardings=in_shardings,
+                                    out_shardings=replicated)  # fmt: skip
+        self.encode_text = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x), in_shardings=in_shardings,
+                                   out_shardings=replicated)  # fmt: skip
+        self.texts, self.owners = caption_table(source)
+        if not self.texts:
+            raise DataError(f"{source.name}: evaluation needs captions")
+
+    def embed(self, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, EvalStats]:
+        """(zimg [N, E], ztxt [C, E], valid bool [N], stats)."""
+        stats = EvalStats()
+        chunks, valid = [], np.zeros(len(self.source), bool)
+        for batch in eval_image_batches(self.source, self.image_size, self.batch_size, stats=stats):
+            z = np.asarray(self.encode_image(params, jax.device_put(batch["image"], self.sharding)))
+            chunks.append((batch["index"][batch["mask"]], z[batch["mask"]]))
+            valid[batch["index"][batch["mask"]]] = True
+        dim = chunks[0][1].shape[1] if chunks else 0
+        zimg = np.zeros((len(self.source), dim), np.float32)
+        for index, z in chunks:
+            zimg[index] = z
+        ztxt = []
+        for batch in eval_caption_batches(self.texts, self.owners, self.tokenizer, self.batch_size, stats=stats):
+            z = np.asarray(self.encode_text(params, jax.device_put(batch["text"], self.sharding)))
+            ztxt.append(z[batch["mask"]])
+        return zimg, np.concatenate(ztxt), valid, stats
+
+    def __call__(self, params: dict) -> dict[str, float]:
+        zimg, ztxt, valid, stats = self.embed(params)
+        keep = valid[self.owners]  # captions of unreadable images cannot be scored
+        new_index = np.cumsum(valid) - 1
+        metrics = retrieval_metrics(zimg[valid], ztxt[keep], new_index[self.owners[keep]])
+        metrics["unreadable_images"] = len(stats.unreadable_images)
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """orbax CheckpointManager: async saves, the latest K kept plus the best by `best_metric`; each
+    checkpoint holds the train state (params, optimizer, RNG, step) and the data iterator's state."""
+
+    def __init__(self, directory: Path, keep: int, best_metric: str):
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                          keep_checkpoints_without_metrics=False),
+        ])  # fmt: skip
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_state: dict, metrics: dict | None = None) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        step = self.manager.latest_step() if step is None else step
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class MetricsWriter:
+    """Metrics as JSON lines (workdir/metrics.jsonl) and TensorBoard events (workdir/tensorboard)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "metrics.jsonl"
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency; be tolerant anyway
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        values = {f"{prefix}{k}": float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+
+class _Stop:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("signal %d: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = None, progress: bool = True) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics (empty if none ran)."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / "config.json"
+    if saved.exists() and load_config(saved) != config:
+        raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
+    save_config(config, saved)
+    mesh = make_mesh(config.mesh)
+    source = parse_source(config.data.source, config.data.train_split)
+    tokenizer = build_tokenizer(config.data, source, workdir)
+    check_compatible(config, tokenizer)
+    trainable = build(config, mesh)
+    pipeline = PipelineConfig(
+        batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
+        crop_scale=config.data.crop_scale, num_workers=config.data.num_workers,
+        shuffle_group=config.data.shuffle_group,
+    )  # fmt: skip
+    iterator = train_iterator(source, tokenizer, pipeline, mesh=mesh, data_axes=batch_axes(mesh))
+    evaluator = Evaluator(parse_source(config.data.source, config.data.eval_split), tokenizer, trainable,
+                          config.eval_batch_size)  # fmt: skip
+    checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints, config.best_metric)
+    writer = MetricsWriter(workdir)
+    if checkpoints.latest_step() is not None:
+        state, data_state = checkpoints.restore(trainable.abstract_state())
+        iterator.set_state(data_state)
+        log.info("resumed from step %d", int(state.step))
+    else:
+        state = trainable.init()
+    start = int(state.step)
+    last_eval: dict = {}
+    end = min(config.steps, stop_at_step or config.steps)
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        with jax.set_mesh(mesh), _Stop() as stop:
+            timer, seen = time.perf_counter(), 0
+            for step in range(start + 1, end + 1):
+                batch = next(iterator)
+                state, metrics = trainable.step(state, batch)
+                seen += config.batch_size
+                final = step == end
+                if step % config.log_every == 0 or final:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - timer
+                    metrics["examples_per_s"] = seen / elapsed
+                    metrics["skipped_images"] = iterator.stats["skipped_images"]
+                    writer.write(step, metrics, "train/")
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", ex_s=f"{metrics['examples_per_s']:.0f}")
+                    timer, seen = time.perf_counter(), 0
+                eval_metrics = None
+                if step % config.eval_every == 0 or step == config.steps:
+                    eval_metrics = last_eval = evaluator(state.params)
+                    writer.write(step, eval_metrics, "eval/")
+                    log.info("step %d: %s", step, _summary(eval_metrics))
+                    timer, seen = time.perf_counter(), 0
+                if step % config.checkpoint_every == 0 or final or stop.requested:
+                    checkpoints.save(step, state, iterator.get_state(), eval_metrics)
+                bar.update(1)
+                if stop.requested:
+                    break
+    finally:
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        iterator.close()
+    return last_eval
+
+
+def _summary(metrics: dict) -> str:
+    keys = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> tuple[TrainConfig, Trainable, TrainState, Tokenizer]:
+    """A finished (or interrupted) run: its config, jitted functions, restored state and tokenizer."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise ValueError(f"{workdir} is not a training run (no config.json)")
+    config = load_config(workdir / "config.json")
+    trainable = build(config, make_mesh(config.mesh))
+    checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints, config.best_metric)
+    if checkpoints.latest_step() is None:
+        raise ValueError(f"{workdir} has no checkpoint yet")
+    state, _ = checkpoints.restore(trainable.abstract_state(), step)
+    checkpoints.close()
+    return config, trainable, state, load_tokenizer(workdir / "tokenizer")
+
+
+def evaluate(workdir: str | Path, source_spec: str | None = None, split: str | None = None) -> dict[str, float]:
+    """Recall@K of a run's latest checkpoint on its own eval split or on any source and split."""
+    config, trainable, state, tokenizer = load_run(workdir)
+    source = parse_source(source_spec or config.data.source, split or config.data.eval_split)
+    with jax.set_mesh(trainable.mesh):
+        return Evaluator(source, tokenizer, trainable, config.eval_batch_size)(state.params)
