@@ -131,6 +131,18 @@ class ComposedQuery(nnx.Module):
 
 # --------------------------------------------------------------------------------------------------- presets
 
+
+def _clip(*, patch: int, width: int, depth: int, heads: int, text_width: int, text_heads: int, embed_dim: int):
+    """OpenAI CLIP's layout: 224px ViT with CLS pooling, 12-layer causal text tower, QuickGELU."""
+    return ModelConfig(
+        image=ViTConfig(image_size=224, patch=patch, width=width, depth=depth, heads=heads, activation="quick_gelu"),
+        text=TextConfig(vocab_size=49408, max_len=77, width=text_width, depth=12, heads=text_heads, causal=True,
+                        activation="quick_gelu"),
+        embed_dim=embed_dim,
+        init_logit_scale=1 / 0.07,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, ModelConfig] = {
     # ViT d192x4 on 64x64 + text d192x4: the CPU demo and the throughput comparison in TARGETS.md.
     # Mean pooling: from scratch, a CLS token sits on a long plateau first (measured: loss 2.7 vs 0.75 after
@@ -146,30 +158,9 @@ PRESETS: dict[str, ModelConfig] = {
         embed_dim=192,
     ),
     # CLIP-like sizes: ViT-S/16, ViT-B/16, ViT-L/14 with CLIP's text towers (BPE vocab 49408, 77 tokens, causal).
-    "s16": ModelConfig(
-        image=ViTConfig(image_size=224, patch=16, width=384, depth=12, heads=6, activation="quick_gelu"),
-        text=TextConfig(
-            vocab_size=49408, max_len=77, width=384, depth=12, heads=6, causal=True, activation="quick_gelu"
-        ),
-        embed_dim=384,
-        init_logit_scale=1 / 0.07,
-    ),
-    "b16": ModelConfig(
-        image=ViTConfig(image_size=224, patch=16, width=768, depth=12, heads=12, activation="quick_gelu"),
-        text=TextConfig(
-            vocab_size=49408, max_len=77, width=512, depth=12, heads=8, causal=True, activation="quick_gelu"
-        ),
-        embed_dim=512,
-        init_logit_scale=1 / 0.07,
-    ),
-    "l14": ModelConfig(
-        image=ViTConfig(image_size=224, patch=14, width=1024, depth=24, heads=16, activation="quick_gelu"),
-        text=TextConfig(
-            vocab_size=49408, max_len=77, width=768, depth=12, heads=12, causal=True, activation="quick_gelu"
-        ),
-        embed_dim=768,
-        init_logit_scale=1 / 0.07,
-    ),
+    "s16": _clip(patch=16, width=384, depth=12, heads=6, text_width=384, text_heads=6, embed_dim=384),
+    "b16": _clip(patch=16, width=768, depth=12, heads=12, text_width=512, text_heads=8, embed_dim=512),
+    "l14": _clip(patch=14, width=1024, depth=24, heads=16, text_width=768, text_heads=12, embed_dim=768),
 }
 
 
