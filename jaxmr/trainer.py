@@ -40,6 +40,7 @@ from jaxmr.data import (
     parse_source,
     train_iterator,
 )
+from jaxmr.data.pipeline import data_sharding
 from jaxmr.eval import retrieval_metrics
 from jaxmr.models import DualEncoder, ModelConfig
 from jaxmr.sharding import make_mesh, param_shardings
@@ -177,8 +178,7 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1):
         return jax.tree.map(jnp.add, acc, vjp((g_img, g_txt))[0]), None
 
     grads, _ = jax.lax.scan(backprop, grads, (images, tokens, micro(g_img), micro(g_txt)))
-    extras = {**scalars(params), "img/norm": jnp.float32(1.0), "txt/norm": jnp.float32(1.0)}
-    return loss, metrics, extras, grads
+    return loss, metrics, scalars(params), grads  # no feature norms: the features were never kept
 
 
 def make_train_step(graphdef, tx, schedule, loss_fn, grad_accum: int = 1) -> Callable:
@@ -190,10 +190,7 @@ def make_train_step(graphdef, tx, schedule, loss_fn, grad_accum: int = 1) -> Cal
         params = optax.apply_updates(state.params, updates)
         measurements = {
             "loss": loss,
-            "t": extras["t"],
-            "b": extras["b"],
-            "img/norm": extras["img/norm"],
-            "txt/norm": extras["txt/norm"],
+            **{k: extras[k] for k in ("t", "b", "img/norm", "txt/norm") if k in extras},
             "lr": schedule(state.step),
             "l2_grads": optax.tree.norm(grads),
             "l2_params": optax.tree.norm(params),
@@ -249,7 +246,7 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh) -> Trainable:
     # Optimizer moments are shaped like the parameters and sharded like them; counters are replicated.
     opt_sharding = _like_params(shapes.opt_state, abstract_params, params_sharding, replicated)
     state_shardings = TrainState(replicated, params_sharding, opt_sharding, replicated)
-    batch_sharding = NamedSharding(mesh, P(batch_axes(mesh)))
+    batch_sharding = data_sharding(mesh, axes)
     step = make_train_step(graphdef, tx, schedule, make_loss(config.loss, mesh), config.grad_accum)
     return Trainable(
         config=config, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_shardings,

@@ -57,7 +57,7 @@ class ImageReadError(DataError):
     """An image that cannot be read or decoded; names the file."""
 
 
-def describe(image: Any) -> str:
+def _describe(image: Any) -> str:
     return image if isinstance(image, str) else f"<{type(image).__name__}>"
 
 
@@ -73,7 +73,7 @@ def load_image(image: np.ndarray | bytes | str, min_side: int = 0) -> Image.Imag
             pil.draft("RGB", (min_side, min_side))
         return pil.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageReadError(f"cannot read image {describe(image)}: {e}") from e
+        raise ImageReadError(f"cannot read image {_describe(image)}: {e}") from e
 
 
 def _center_square(pil: Image.Image, size: int) -> np.ndarray:
