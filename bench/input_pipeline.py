@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.common import write_results
 from jaxmr.data import PipelineConfig, caption_table, parse_source, train_iterator
+from jaxmr.data.shapes import ShapesConfig, ShapesSource
 from jaxmr.text import train_bpe
 
 FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -42,8 +43,8 @@ def measure(spec: str, split: str, image_size: int, workers: int, batches: int, 
 
 
 def shapes_generation(n: int) -> dict:
-    """Rendering the shapes world alone, in one process: images (and their captions) per second."""
-    source = parse_source(f"shapes:n={n},size=64", "train")
+    """Rendering the shapes world alone (no cache), in one process: images (and their captions) per second."""
+    source = ShapesSource(ShapesConfig(n=n, size=64), "train", cache=False)
     start = time.perf_counter()
     for i in range(n):
         source[i]
