@@ -128,6 +128,3 @@ def minilm_wordpiece(max_len: int = 64) -> Tokenizer:
     hf.no_truncation()
     hf.no_padding()
     return Tokenizer(hf, max_len, "wordpiece")
-
-
-TOKENIZERS = {"bpe": train_bpe, "wordpiece": minilm_wordpiece}

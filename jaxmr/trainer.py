@@ -43,7 +43,7 @@ from jaxmr.data import (
 from jaxmr.data.pipeline import data_sharding
 from jaxmr.eval import retrieval_metrics
 from jaxmr.models import DualEncoder, ModelConfig
-from jaxmr.sharding import make_mesh, param_shardings
+from jaxmr.sharding import LOGICAL_RULES, make_mesh, param_shardings
 from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,19 @@ class TrainState:
     step: jax.Array  # int32 []
     params: dict  # pure nested dict of the model's nnx.Params
     opt_state: Any
-    rng: jax.Array  # the run's base key; each step folds its step number in
+    rng: (
+        jax.Array
+    )  # the run's base key, checkpointed so that stochastic layers (none in the presets yet) resume exactly
 
 
 # ------------------------------------------------------------------------------------------ model and mesh
 
 
 def batch_axes(mesh: jax.sharding.Mesh) -> str | tuple[str, ...]:
-    """The mesh axes the batch is split over: every data-parallel axis the mesh has."""
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    """The mesh axes the batch is split over: what the rules table maps "batch" to, as far as the mesh has it
+    (size-1 axes included: shard_map and the data sharding name them either way)."""
+    target = dict(LOGICAL_RULES)["batch"]
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else target or ()) if a in mesh.axis_names)
     if not axes:
         raise ValueError(f"the mesh needs a 'data' or 'fsdp' axis, has {mesh.axis_names}")
     return axes[0] if len(axes) == 1 else axes
