@@ -96,6 +96,46 @@ def _eval(args: argparse.Namespace) -> None:
     print_table(metrics)
 
 
+def _index_build(args: argparse.Namespace) -> None:
+    from jaxmr.index import AnnConfig, BuildOptions, build_index
+
+    options = BuildOptions(
+        captions=not args.no_captions, chunk=args.chunk, batch_size=args.batch_size, dtype=args.dtype,
+        ann=AnnConfig.from_spec(args.ann),
+    )  # fmt: skip
+    start = time.perf_counter()
+    searcher = build_index(args.workdir, args.source, args.out, args.split, options, progress=not args.no_progress)
+    m = searcher.manifest
+    captions = m["captions"]["count"] if m["captions"] else 0
+    print(
+        f"index {args.out}: {m['images']['count']} images ({m['images']['ann']['method']}), {captions} captions, "
+        f"{m['images']['unreadable']} unreadable; {time.perf_counter() - start:.1f} s"
+    )
+
+
+def _index_info(args: argparse.Namespace) -> None:
+    from jaxmr.index import index_info
+
+    print(json.dumps(index_info(args.index), indent=2))
+
+
+def _index_search(args: argparse.Namespace) -> None:
+    from jaxmr.index import Searcher
+
+    if not args.query.strip():
+        raise ValueError("the query is empty")
+    searcher = Searcher(args.index)
+    ids, scores = searcher.search_text([args.query], args.k, args.target, exact=args.exact)
+    records = searcher.records(ids[0], args.target)
+    if args.json:
+        print(json.dumps([dict(r, score=float(s)) for r, s in zip(records, scores[0], strict=True)]))
+        return
+    for rank, (record, score) in enumerate(zip(records, scores[0], strict=True), 1):
+        what = record["text"] if args.target == "captions" else record["path"]
+        extra = f"  {record['captions'][0]}" if args.target == "images" and record["captions"] else ""
+        print(f"{rank:>3}  {score:.3f}  id {record['id']:<8} {what}{extra}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from jaxmr.demo import run_demo
 
@@ -140,6 +180,30 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--size", type=int, default=128, help="tile side in pixels")
     to_tfds.add_argument("--out", required=True, help="TFDS data_dir to write into")
     to_tfds.add_argument("--name", default=None, help="config name (default: the folder's name)")
+
+    index = commands.add_parser("index", help="build, inspect and query search indexes")
+    index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    build = add("build", _index_build, "embed a source with a trained model into a ScaNN index", index_commands)
+    build.add_argument("--workdir", required=True, help="a training run directory (or a model export)")
+    build.add_argument("--source", required=True, help=SPEC_HELP)
+    build.add_argument("--split", default="all", help="train | val (= dev) | test | all (default: all)")
+    build.add_argument("--out", required=True, help="index directory to write (resumes an interrupted build)")
+    build.add_argument("--no-captions", action="store_true", help="index images only")
+    build.add_argument("--chunk", type=int, default=4096, help="images per resumable chunk")
+    build.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
+    build.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="embeddings on disk")
+    build.add_argument("--ann", action="append", default=[], metavar="KEY=VALUE",
+                       help="ScaNN setting, e.g. method=tree_ah, leaves_to_search=64, reorder=256")  # fmt: skip
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    info_index = add("info", _index_info, "print an index's manifest", index_commands)
+    info_index.add_argument("index", help="index directory")
+    search = add("search", _index_search, "search an index with a text query", index_commands)
+    search.add_argument("index", help="index directory")
+    search.add_argument("query", help="the text to search for")
+    search.add_argument("-k", type=int, default=10, help="number of results")
+    search.add_argument("--target", default="images", choices=("images", "captions"), help="what to return")
+    search.add_argument("--exact", action="store_true", help="exact search instead of ScaNN")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
 
     model = commands.add_parser("model", help="inspect model presets")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -41,3 +41,18 @@ def tsv_folder(tmp_path: Path) -> Path:
         lines += [f"img{i}.jpg\t{split}\tpicture number {i} caption {k}" for k in range(3)]
     (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n")
     return tmp_path
+
+
+SMOKE_SOURCE = "shapes:n=256,n_val=64,n_test=64,size=32"
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A few-step training run of configs/shapes_tiny.py:smoke (a real checkpoint, tokenizer and config)."""
+    from jaxmr.config import load_config_file
+    from jaxmr.trainer import train
+
+    workdir = tmp_path_factory.mktemp("smoke_run")
+    config = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py:smoke"))
+    train(config, workdir, progress=False)
+    return workdir

@@ -76,7 +76,7 @@ def load_image(image: np.ndarray | bytes | str, min_side: int = 0) -> Image.Imag
         raise ImageReadError(f"cannot read image {_describe(image)}: {e}") from e
 
 
-def _center_square(pil: Image.Image, size: int) -> np.ndarray:
+def center_square(pil: Image.Image, size: int) -> np.ndarray:
     """Shorter side to `size`, then the central square (CLIP's evaluation transform)."""
     w, h = pil.size
     if (w, h) == (size, size):
@@ -96,7 +96,7 @@ def _random_resized_crop(pil: Image.Image, size: int, scale: tuple[float, float]
         if 0 < cw <= w and 0 < ch <= h:
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             return np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC, box=(x, y, x + cw, y + ch)))
-    return _center_square(pil, size)
+    return center_square(pil, size)
 
 
 def decode(image: Any, size: int, crop_scale=(1.0, 1.0), rng: np.random.Generator | None = None) -> np.ndarray:
@@ -105,7 +105,7 @@ def decode(image: Any, size: int, crop_scale=(1.0, 1.0), rng: np.random.Generato
         return image.astype(np.uint8, copy=False)
     crop = crop_scale != (1.0, 1.0) and rng is not None
     pil = load_image(image, min_side=int(size / math.sqrt(crop_scale[0])) if crop else size)
-    return _random_resized_crop(pil, size, crop_scale, rng) if crop else _center_square(pil, size)
+    return _random_resized_crop(pil, size, crop_scale, rng) if crop else center_square(pil, size)
 
 
 class Ungroup(grain.MapDataset):

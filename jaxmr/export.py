@@ -1,0 +1,231 @@
+"""The serving side of a trained model: exported weights, and jitted encoders over fixed batch buckets.
+
+An export is a directory that holds everything a server or an index build needs, without the training run:
+
+    config.json        the run's TrainConfig, the image size, the step and the model fingerprint
+    params.npz         every parameter by its path ("image_tower/encoder/blocks/0/mlp/fc1/kernel")
+    tokenizer/         the run's tokenizer
+
+`Encoder` pads every batch up to one of a few bucket sizes, so that a warmed-up encoder never compiles again
+whatever batch a request brings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmr.config import TrainConfig, from_dict, to_dict
+from jaxmr.data.pipeline import center_square, load_image
+from jaxmr.sharding import make_mesh
+from jaxmr.text import Tokenizer, load_tokenizer
+
+EXPORT_FORMAT = 1
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ModelMismatchError(ValueError):
+    """An index and a model that do not belong together."""
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dict -> {"a/b/c": array}."""
+    flat = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = np.asarray(value)
+    return flat
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    """{"a/b/c": array} -> nested dict; path parts that are integers become int keys (nnx.List indices)."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = [int(p) if p.isdigit() else p for p in path.split("/")]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def fingerprint(params: dict, config: TrainConfig) -> str:
+    """sha256 of the model config and every parameter's name, dtype, shape and bytes (first 16 hex digits)."""
+    digest = hashlib.sha256(json.dumps(to_dict(config.model), sort_keys=True).encode())
+    for path, value in sorted(flatten(params).items()):
+        value = np.ascontiguousarray(value)
+        digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def export_model(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> str:
+    """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint.
+
+    Written to a temporary sibling and renamed into place, so `out` is either the old export or the new one."""
+    from jaxmr.trainer import load_run
+
+    config, _, state, tokenizer = load_run(workdir, step)
+    params = jax.tree.map(np.asarray, state.params)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.savez(tmp / "params.npz", **flatten(params))
+        tokenizer.save(tmp / "tokenizer")
+        meta = {
+            "format": EXPORT_FORMAT,
+            "fingerprint": fingerprint(params, config),
+            "step": int(state.step),
+            "image_size": config.data.image_size,
+            "workdir": str(Path(workdir).resolve()),
+            "config": to_dict(config),
+        }
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta["fingerprint"]
+
+
+def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "params.npz").is_file():
+        raise FileNotFoundError(f"{path} is not a model export (needs config.json and params.npz)")
+    meta = json.loads((path / "config.json").read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {meta.get('format')!r}, this jaxmr reads {EXPORT_FORMAT}")
+    return meta
+
+
+class Encoder:
+    """Jitted text and image encoders of one model, with fixed batch buckets and explicit shardings.
+
+    A batch is padded to the smallest bucket that holds it (larger batches go through in chunks of the largest
+    bucket), so the set of compiled shapes is fixed: `warm_up()` compiles them all. Buckets that divide over the
+    devices are split across them (data parallel); smaller ones run replicated.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        params: dict,
+        tokenizer: Tokenizer,
+        fingerprint: str,
+        buckets: Sequence[int] = BUCKETS,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        from jaxmr.trainer import model_graph
+
+        self.config, self.tokenizer, self.fingerprint = config, tokenizer, fingerprint
+        self.image_size = config.data.image_size
+        self.embed_dim = config.model.embed_dim
+        self.buckets = tuple(sorted(set(buckets)))
+        self.mesh = mesh or make_mesh()
+        graphdef, abstract, _ = model_graph(config.model)
+        if jax.tree.structure(abstract) != jax.tree.structure(params):
+            raise ModelMismatchError("the exported parameters do not match the model config's structure")
+        replicated = NamedSharding(self.mesh, P())
+        self.params = jax.device_put(params, replicated)
+        n_devices = self.mesh.devices.size
+        self._jitted: dict[tuple[str, int], Any] = {}
+        for bucket in self.buckets:
+            batch = NamedSharding(self.mesh, P(self.mesh.axis_names)) if bucket % n_devices == 0 else replicated
+            self._jitted["image", bucket] = (
+                jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x), in_shardings=(replicated, batch),
+                        out_shardings=replicated),
+                batch,
+            )  # fmt: skip
+            self._jitted["text", bucket] = (
+                jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x), in_shardings=(replicated, batch),
+                        out_shardings=replicated),
+                batch,
+            )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, buckets: Sequence[int] = BUCKETS) -> Encoder:
+        """An encoder from an export directory (see `export_model`)."""
+        path = Path(path)
+        meta = read_export_meta(path)
+        config = from_dict(meta["config"])
+        with np.load(path / "params.npz") as data:
+            params = unflatten({k: data[k] for k in data.files})
+        return cls(config, params, load_tokenizer(path / "tokenizer"), meta["fingerprint"], buckets)
+
+    @classmethod
+    def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Encoder:
+        from jaxmr.trainer import load_run
+
+        config, _, state, tokenizer = load_run(workdir, step)
+        params = jax.tree.map(np.asarray, state.params)
+        return cls(config, params, tokenizer, fingerprint(params, config))
+
+    def bucket(self, n: int) -> int:
+        """The batch size `n` rows are padded to (the largest bucket when none holds them)."""
+        return next((b for b in self.buckets if b >= n), self.buckets[-1])
+
+    def _run(self, kind: str, x: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x), self.embed_dim), np.float32)
+        start = 0
+        while start < len(x):
+            size = self.bucket(len(x) - start)
+            chunk = x[start : start + size]
+            pad = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            fn, sharding = self._jitted[kind, size]
+            z = fn(self.params, jax.device_put(np.concatenate([chunk, pad]), sharding))
+            out[start : start + len(chunk)] = np.asarray(z)[: len(chunk)]
+            start += len(chunk)
+        return out
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] (S = `image_size`) -> L2-normalised float32 [N, E]."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"images must be [N, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+        return self._run("image", images.astype(np.uint8, copy=False))
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """int32 [N, max_len] -> L2-normalised float32 [N, E]."""
+        return self._run("text", np.asarray(tokens, np.int32))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """N strings -> L2-normalised float32 [N, E]."""
+        return self.encode_tokens(self.tokenizer.encode(list(texts)))
+
+    def preprocess(self, image: np.ndarray | bytes | str) -> np.ndarray:
+        """Any image a record or an upload may hold -> uint8 [S, S, 3] (shorter side to S, central square).
+        Raises `ImageReadError` for data that is not a readable image."""
+        if isinstance(image, np.ndarray) and image.shape == (self.image_size, self.image_size, 3):
+            return image.astype(np.uint8, copy=False)
+        return center_square(load_image(image, min_side=self.image_size), self.image_size)
+
+    def warm_up(self) -> int:
+        """Compiles every bucket of both encoders; returns how many functions were compiled."""
+        for (kind, bucket), (fn, sharding) in self._jitted.items():
+            shape = (
+                (bucket, self.image_size, self.image_size, 3) if kind == "image" else (bucket, self.tokenizer.max_len)
+            )
+            dtype = np.uint8 if kind == "image" else np.int32
+            jax.block_until_ready(fn(self.params, jax.device_put(np.zeros(shape, dtype), sharding)))
+        return len(self._jitted)
+
+    def compiled_count(self) -> int:
+        """Compiled executables across all buckets (a warmed encoder answers every request from these)."""
+        return sum(fn._cache_size() for fn, _ in self._jitted.values())

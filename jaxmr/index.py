@@ -1,0 +1,745 @@
+"""A persistent, searchable index of image (and caption) embeddings: ScaNN for speed, exact search for truth.
+
+An index directory:
+
+    model/              the exported encoders (`jaxmr.export`), so serving needs no training run
+    current -> v000003  the live version, replaced atomically (a symlink swap) by every change
+    v000003/
+        manifest.json   model fingerprint, training config, counts, ScaNN parameters, source, times, version
+        images/         embeddings.npy (float16 | float32 [N, E]), ids.npy (int64 [N]), meta.parquet, scann/
+        captions/       the same for captions, when the source has them (meta: id, image_id, text)
+    files/              image files the index owns (rendered, decoded from a dataset or uploaded), by id
+    .build/             embedded chunks of an unfinished build: the next `build_index` resumes from them
+    .lock               held by the writer (build, add, delete); readers never take it
+
+Versions are immutable once renamed into place, so any number of readers can load one while a single writer
+prepares the next; the two previous versions are kept for readers still loading them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+import jaxmr
+from jaxmr.data import caption_table, parse_source
+from jaxmr.data.pipeline import ImageReadError, center_square, load_image
+from jaxmr.export import Encoder, ModelMismatchError, export_model, read_export_meta
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+KEEP_VERSIONS = 3
+TARGETS = ("images", "captions")
+# ScaNN's own advice (its README's "choosing parameters"): brute force for small sets, asymmetric hashing
+# with exact re-scoring for mid-sized ones, and a partitioning tree in front of that above ~100k.
+BRUTE_FORCE_BELOW = 20_000
+TREE_FROM = 100_000
+
+
+class InvalidIndexError(ValueError):
+    """A missing, malformed or incompatible index directory."""
+
+
+# ------------------------------------------------------------------------------------------- ScaNN config
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnConfig:
+    """How an index searches. `method` "auto" picks by collection size (see `resolve`); "exact" is a matmul."""
+
+    method: str = "auto"  # auto | brute_force | ah | tree_ah | exact
+    num_leaves: int = 0  # tree_ah: 0 -> about sqrt(N)
+    leaves_to_search: int = 0  # tree_ah: 0 -> chosen from num_leaves (see resolve)
+    reorder: int = 256  # ah, tree_ah: candidates re-scored exactly (at least k)
+    dims_per_block: int = 2  # ah: dimensions per 4-bit code
+    quantization_threshold: float = 0.2  # ah: anisotropic loss threshold for unit-norm data
+    training_sample_size: int = 100_000  # tree_ah: vectors the partitioner trains on
+
+    def __post_init__(self) -> None:
+        methods = ("auto", "brute_force", "ah", "tree_ah", "exact")
+        if self.method not in methods:
+            raise ValueError(f"ann.method must be one of {', '.join(methods)}, got {self.method!r}")
+        if min(self.num_leaves, self.leaves_to_search) < 0 or self.reorder < 1 or self.dims_per_block < 1:
+            raise ValueError(f"ann parameters out of range: {self}")
+
+    def resolve(self, n: int) -> AnnConfig:
+        """Concrete parameters for `n` vectors: method, leaves and leaves to search filled in."""
+        method = self.method
+        if method == "auto":
+            method = "brute_force" if n < BRUTE_FORCE_BELOW else "ah" if n < TREE_FROM else "tree_ah"
+        if method != "tree_ah":
+            return dataclasses.replace(self, method=method, num_leaves=0, leaves_to_search=0)
+        leaves = self.num_leaves or max(round(math.sqrt(n)), 1)
+        # Text queries sit away from the image cloud (the modality gap), so they need more leaves than
+        # image-to-image queries for the same recall; 1/16 of the leaves keeps t2i recall@10 above 0.95 on
+        # the benchmarks (bench/search_latency.py).
+        search = self.leaves_to_search or min(leaves, max(leaves // 16, 16))
+        return dataclasses.replace(self, method=method, num_leaves=leaves, leaves_to_search=min(search, leaves))
+
+    @classmethod
+    def from_spec(cls, items: Sequence[str]) -> AnnConfig:
+        """From `key=value` strings, e.g. ["method=tree_ah", "leaves_to_search=64"]; unknown keys fail."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip().removeprefix("ann.")
+            if not sep or key not in fields:
+                raise ValueError(f"ann setting {item!r}: expected key=value with key in {', '.join(fields)}")
+            kind = type(getattr(cls(), key))
+            try:
+                values[key] = kind(raw.strip())
+            except ValueError:
+                raise ValueError(f"ann setting {item!r}: {raw!r} is not a {kind.__name__}") from None
+        return cls(**values)
+
+
+def build_scann(embeddings: np.ndarray, ids: np.ndarray, config: AnnConfig):
+    """A ScaNN searcher over float32 [N, E] unit vectors whose docids are `ids`; None for method "exact"."""
+    if config.method == "exact":
+        return None
+    import scann
+
+    data = np.ascontiguousarray(embeddings, np.float32)
+    if len(data) == 0:  # ScaNN builds an empty searcher only as a brute-force "pure dynamic" one
+        config = dataclasses.replace(config, method="brute_force")
+    builder = scann.scann_ops_pybind.builder(data, 10, "dot_product")
+    if config.method == "tree_ah":
+        builder = builder.tree(
+            num_leaves=config.num_leaves,
+            num_leaves_to_search=config.leaves_to_search,
+            training_sample_size=min(config.training_sample_size, len(data)),
+        )
+    if config.method in ("ah", "tree_ah"):
+        builder = builder.score_ah(
+            config.dims_per_block, anisotropic_quantization_threshold=config.quantization_threshold
+        ).reorder(config.reorder)
+    else:
+        builder = builder.score_brute_force()
+    return builder.build(docids=[int(i) for i in ids])
+
+
+def exact_search(
+    database: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maximum inner product search. database [N, E], queries [Q, E] -> (rows int64 [Q, k'], scores
+    float32 [Q, k']) with k' = min(k, N), best first; the database is scored in chunks of `chunk` rows."""
+    queries = np.asarray(queries, np.float32)
+    k = min(k, len(database))
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    best_scores = np.zeros((len(queries), 0), np.float32)
+    for start in range(0, len(database), chunk):
+        scores = queries @ np.asarray(database[start : start + chunk], np.float32).T
+        kk = min(k, scores.shape[1])
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        best_rows = np.concatenate([best_rows, top + start], axis=1)
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        if best_rows.shape[1] > k:
+            keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+            best_rows = np.take_along_axis(best_rows, keep, axis=1)
+            best_scores = np.take_along_axis(best_scores, keep, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
+
+
+# ------------------------------------------------------------------------------------------- a collection
+
+
+class Collection:
+    """One modality's vectors: ids (int64 [N]), embeddings ([N, E]), metadata rows, and the searcher.
+
+    The three arrays stay in ScaNN's internal order, which a delete changes (ScaNN moves the last point into
+    the freed slot); `_reorder` follows it after every change.
+    """
+
+    def __init__(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig, scann=None):
+        if not (len(ids) == len(embeddings) == meta.num_rows):
+            raise InvalidIndexError(
+                f"ids ({len(ids)}), embeddings ({len(embeddings)}) and metadata ({meta.num_rows}) differ"
+            )
+        self.ids, self.embeddings, self.meta, self.ann, self.scann = ids.astype(np.int64), embeddings, meta, ann, scann
+        self._sorted = np.argsort(self.ids, kind="stable")
+
+    @classmethod
+    def create(cls, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig) -> Collection:
+        ann = ann.resolve(len(ids))
+        return cls(ids, embeddings, meta, ann, build_scann(embeddings, ids, ann))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row of each id; -1 where the id is not in the collection."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(self.ids) == 0:
+            return np.full(len(ids), -1, np.int64)
+        pos = np.searchsorted(self.ids, ids, sorter=self._sorted)
+        pos = np.minimum(pos, len(self.ids) - 1)
+        rows = self._sorted[pos]
+        return np.where(self.ids[rows] == ids, rows, -1)
+
+    def search(self, queries: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, E] -> (ids int64 [Q, k'], scores float32 [Q, k']), k' = min(k, N), best first."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        if len(self.ids) == 0 or k < 1:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        if exact or self.scann is None:
+            rows, scores = exact_search(self.embeddings, queries, k)
+            return self.ids[rows], scores
+        k = min(k, len(self.ids))
+        pre = max(k, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
+        ids, scores = self.scann.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
+        return np.asarray(ids, np.int64).reshape(len(queries), -1), np.asarray(scores, np.float32)
+
+    def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        """Metadata of each id (None for an unknown id)."""
+        rows = self.rows_of(ids)
+        found = self.meta.take(pa.array(rows[rows >= 0])).to_pylist()
+        it = iter(found)
+        return [next(it) if r >= 0 else None for r in rows]
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        rows = self.rows_of(ids)
+        if (rows < 0).any():
+            raise KeyError(f"unknown id {int(np.asarray(ids)[rows < 0][0])}")
+        return np.asarray(self.embeddings[rows], np.float32)
+
+    def added(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table) -> Collection:
+        """A new collection with these rows added (ScaNN upsert: no rebuild)."""
+        if len(ids) == 0:
+            return self
+        embeddings = embeddings.astype(self.embeddings.dtype)
+        scann = self.scann
+        if scann is not None:
+            scann.upsert([int(i) for i in ids], np.ascontiguousarray(embeddings, np.float32), batch_size=256)
+        out = Collection(
+            np.concatenate([self.ids, ids]),
+            np.concatenate([self.embeddings, embeddings]),
+            pa.concat_tables([self.meta, meta.cast(self.meta.schema)]),
+            self.ann,
+            scann,
+        )
+        return out._reorder()
+
+    def removed(self, ids: Sequence[int]) -> Collection:
+        """A new collection without these ids (unknown ids are ignored)."""
+        rows = self.rows_of(ids)
+        gone = np.unique(self.ids[rows[rows >= 0]])
+        if len(gone) == 0:
+            return self
+        if self.scann is not None:
+            self.scann.delete([int(i) for i in gone])
+            return Collection(self.ids, self.embeddings, self.meta, self.ann, self.scann)._reorder()
+        keep = np.ones(len(self.ids), bool)
+        keep[self.rows_of(gone)] = False
+        return Collection(self.ids[keep], self.embeddings[keep], self.meta.filter(pa.array(keep)), self.ann)
+
+    def _reorder(self) -> Collection:
+        """Rows permuted into the ScaNN searcher's internal order (its docids list)."""
+        if self.scann is None:
+            return self
+        order = np.asarray(self.scann.docids, np.int64)
+        if len(order) == len(self.ids) and np.array_equal(order, self.ids):
+            return self
+        rows = self.rows_of(order)
+        return Collection(order, self.embeddings[rows], self.meta.take(pa.array(rows)), self.ann, self.scann)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True)
+        np.save(directory / "embeddings.npy", self.embeddings)
+        np.save(directory / "ids.npy", self.ids)
+        pq.write_table(self.meta, directory / "meta.parquet")
+        if self.scann is not None:
+            (directory / "scann").mkdir()
+            self.scann.serialize(str(directory / "scann"), relative_path=True)
+            (directory / "scann" / "scann_docids.pkl").unlink(missing_ok=True)  # ids.npy holds them; no pickle
+
+    @classmethod
+    def load(cls, directory: Path, ann: AnnConfig) -> Collection:
+        ids = np.load(directory / "ids.npy")
+        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r")
+        meta = pq.read_table(directory / "meta.parquet")
+        scann = None
+        if ann.method != "exact":
+            import scann as scann_lib
+
+            with contextlib.redirect_stdout(None):
+                loaded = scann_lib.scann_ops_pybind.load_searcher(str(directory / "scann"))
+            scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in ids])
+        return cls(ids, np.asarray(embeddings), meta, ann, scann)
+
+
+# -------------------------------------------------------------------------------------- the index on disk
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """One writer at a time across processes (an advisory lock on INDEX_DIR/.lock)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def current_version(path: Path) -> Path | None:
+    link = path / "current"
+    return path / os.readlink(link) if link.is_symlink() else None
+
+
+def _commit(path: Path, manifest: dict, collections: dict[str, Collection | None]) -> Path:
+    """Writes a new version directory, then points `current` at it (rename of a symlink: atomic)."""
+    number = int(manifest["version"])
+    name = f"v{number:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path))
+    try:
+        for target, collection in collections.items():
+            if collection is not None:
+                collection.save(tmp / target)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        final = path / name
+        if final.exists():  # left by a writer that died between rename and link swap
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    link = path / f".current.{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(name)
+    os.replace(link, path / "current")
+    versions = sorted(p for p in path.iterdir() if re.fullmatch(r"v\d{6}", p.name))
+    for old in versions[:-KEEP_VERSIONS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    version = current_version(path)
+    if version is None:
+        hint = " (an unfinished build: run `jaxmr index build` again to resume)" if (path / ".build").exists() else ""
+        raise InvalidIndexError(f"{path} is not an index{hint}")
+    return json.loads((version / "manifest.json").read_text())
+
+
+@dataclasses.dataclass
+class _State:
+    version: Path
+    manifest: dict[str, Any]
+    images: Collection
+    captions: Collection | None
+
+
+class Searcher:
+    """A loaded index: batched search over images and captions, and add / delete without a rebuild.
+
+    Reads use a consistent snapshot (a search never sees half a change). Changes take the directory's writer
+    lock, start from the newest committed version (another process may have changed it), and commit a new
+    version atomically; `refresh()` picks up other writers' versions.
+    """
+
+    def __init__(self, path: str | os.PathLike, encoder: Encoder | None = None, load_encoder: bool = True):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._state = self._load()
+        model_dir = self.path / "model"
+        if encoder is None and load_encoder:
+            encoder = Encoder.load(model_dir)
+        if encoder is not None and encoder.fingerprint != self.manifest["model"]["fingerprint"]:
+            raise ModelMismatchError(
+                f"the model (fingerprint {encoder.fingerprint}) is not the one that built the index {self.path} "
+                f"(fingerprint {self.manifest['model']['fingerprint']}); rebuild the index with this model or "
+                "serve it with its own model"
+            )
+        self.encoder = encoder
+
+    def _load(self) -> _State:
+        for _ in range(3):  # a version may be pruned between reading the link and opening it: read again
+            version = current_version(self.path)
+            if version is None:
+                read_manifest(self.path)  # raises the helpful error
+            try:
+                manifest = json.loads((version / "manifest.json").read_text())
+                if manifest.get("format") != INDEX_FORMAT:
+                    raise InvalidIndexError(
+                        f"{self.path}: index format {manifest.get('format')!r}, expected {INDEX_FORMAT}"
+                    )
+                images = Collection.load(version / "images", AnnConfig(**manifest["images"]["ann"]))
+                captions = None
+                if manifest.get("captions"):
+                    captions = Collection.load(version / "captions", AnnConfig(**manifest["captions"]["ann"]))
+                return _State(version, manifest, images, captions)
+            except FileNotFoundError:
+                continue
+        raise InvalidIndexError(f"{self.path}: cannot read the current version (files missing)")
+
+    # ---- reading
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._state.manifest
+
+    @property
+    def version(self) -> int:
+        return int(self._state.manifest["version"])
+
+    def collection(self, target: str = "images") -> Collection:
+        state = self._state
+        if target not in TARGETS:
+            raise ValueError(f"target must be 'images' or 'captions', got {target!r}")
+        if target == "captions" and state.captions is None:
+            raise ValueError("this index has no captions (built with --no-captions or from uncaptioned images)")
+        return state.images if target == "images" else state.captions
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, target: str = "images", exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, E] (unit norm) -> (ids int64 [Q, k'], scores float32 [Q, k']), best first."""
+        queries = np.asarray(queries, np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.manifest["model"]["embed_dim"]:
+            raise ValueError(f"queries must be [Q, {self.manifest['model']['embed_dim']}], got {queries.shape}")
+        return self.collection(target).search(queries, k, exact)
+
+    def search_text(self, texts: Sequence[str], k: int = 10, target: str = "images", exact: bool = False):
+        """Text queries -> (ids, scores) as `search`."""
+        return self.search(self._require_encoder().encode_texts(texts), k, target, exact)
+
+    def records(self, ids: Sequence[int], target: str = "images") -> list[dict[str, Any] | None]:
+        return self.collection(target).records(ids)
+
+    def image_file(self, image_id: int) -> Path | None:
+        """The image file of an id (inside the index for owned images), None for an unknown id."""
+        (record,) = self.records([image_id])
+        if record is None:
+            return None
+        path = Path(record["path"])
+        return path if path.is_absolute() else self.path / path
+
+    def refresh(self) -> bool:
+        """Loads the newest committed version if another writer made one; True when it changed."""
+        version = current_version(self.path)
+        if version == self._state.version:
+            return False
+        with self._lock:
+            self._state = self._load()
+        return True
+
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise ValueError("this Searcher was opened without a model; text and image queries need one")
+        return self.encoder
+
+    # ---- writing
+
+    def add(
+        self, images: Sequence[np.ndarray | bytes | str], captions: Sequence[Sequence[str]] | None = None
+    ) -> list[int]:
+        """Embeds and adds images (pixels, encoded bytes or paths; with optional captions); returns their ids.
+
+        Unreadable images raise `ImageReadError` before anything changes. Bytes and pixels are stored in the
+        index's files/ (bytes as given); paths are referenced where they are."""
+        encoder = self._require_encoder()
+        captions = [list(c) for c in captions] if captions is not None else [[] for _ in images]
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
+        decoded = [load_image(image) for image in images]
+        pixels = np.stack([center_square(pil, encoder.image_size) for pil in decoded]) if decoded else None
+        with self._lock, _writer_lock(self.path):
+            state = self._load()
+            first = int(state.manifest["next_image_id"])
+            ids = np.arange(first, first + len(images), dtype=np.int64)
+            rows = []
+            for i, image, pil, caps in zip(ids, images, decoded, captions, strict=True):
+                rows.append(_image_row(int(i), image, pil, caps, self.path))
+            if not rows:
+                return []
+            zimg = encoder.encode_images(pixels)
+            manifest = dict(state.manifest, next_image_id=first + len(images), updated=_now())
+            images_col = state.images.added(ids, zimg, pa.Table.from_pylist(rows, schema=state.images.meta.schema))
+            captions_col = state.captions
+            texts = [(int(i), t) for i, caps in zip(ids, captions, strict=True) for t in caps]
+            if captions_col is not None and texts:
+                c0 = int(state.manifest["next_caption_id"])
+                cids = np.arange(c0, c0 + len(texts), dtype=np.int64)
+                ztxt = encoder.encode_texts([t for _, t in texts])
+                meta = pa.Table.from_pylist(
+                    [{"id": int(c), "image_id": i, "text": t} for c, (i, t) in zip(cids, texts, strict=True)],
+                    schema=captions_col.meta.schema,
+                )
+                captions_col = captions_col.added(cids, ztxt, meta)
+                manifest["next_caption_id"] = c0 + len(texts)
+            self._commit(state, manifest, images_col, captions_col)
+        return [int(i) for i in ids]
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Removes images (and their captions) by id; returns how many existed. Their owned files go too."""
+        with self._lock, _writer_lock(self.path):
+            state = self._load()
+            rows = state.images.rows_of(ids)
+            present = [int(i) for i in np.unique(np.asarray(ids, np.int64)[rows >= 0])]
+            if not present:
+                return 0
+            owned = [r["path"] for r in state.images.records(present) if not Path(r["path"]).is_absolute()]
+            images_col = state.images.removed(present)
+            captions_col = state.captions
+            if captions_col is not None:
+                gone = np.isin(np.asarray(captions_col.meta["image_id"], np.int64), present)
+                captions_col = captions_col.removed(captions_col.ids[gone])
+            self._commit(state, dict(state.manifest, updated=_now()), images_col, captions_col)
+        for relative in owned:
+            (self.path / relative).unlink(missing_ok=True)
+        return len(present)
+
+    def _commit(self, state: _State, manifest: dict, images: Collection, captions: Collection | None) -> None:
+        manifest["version"] = int(state.manifest["version"]) + 1
+        manifest["images"] = dict(manifest["images"], count=len(images))
+        if captions is not None:
+            manifest["captions"] = dict(manifest["captions"], count=len(captions))
+        version = _commit(self.path, manifest, {"images": images, "captions": captions})
+        self._state = _State(version, manifest, images, captions)
+
+
+def _image_row(image_id: int, image: Any, pil: Image.Image, captions: list[str], root: Path) -> dict[str, Any]:
+    """The metadata row of an image, storing its bytes under files/ when it has no file of its own."""
+    if isinstance(image, str | Path) and Path(image).is_file():
+        path = str(Path(image).resolve())
+    else:
+        files = root / "files"
+        files.mkdir(exist_ok=True)
+        if isinstance(image, bytes):
+            ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}.get(
+                Image.open(io.BytesIO(image)).format
+            )
+            if ext is None:  # an unusual format: keep a PNG the browser can show
+                name = f"files/{image_id:09d}.png"
+                pil.save(root / name)
+            else:
+                name = f"files/{image_id:09d}{ext}"
+                (root / name).write_bytes(image)
+        else:
+            name = f"files/{image_id:09d}.png"
+            pil.save(root / name)
+        path = name
+    return {"id": image_id, "path": path, "width": pil.width, "height": pil.height, "captions": captions}
+
+
+IMAGE_SCHEMA = pa.schema([
+    ("id", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("captions", pa.list_(pa.string())),
+])  # fmt: skip
+CAPTION_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+
+
+# ------------------------------------------------------------------------------------------------- build
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    captions: bool = True  # also embed and index every caption (image -> text search)
+    chunk: int = 4096  # images per resumable chunk
+    batch_size: int = 256  # images per encoder call (split over the devices)
+    dtype: str = "float16"  # embeddings on disk: float16 | float32
+    read_threads: int = 8
+    ann: AnnConfig = AnnConfig()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.chunk < 1 or self.batch_size < 1:
+            raise ValueError("chunk and batch_size must be positive")
+
+
+def _read(source, index: int, size: int, root: Path) -> dict[str, Any]:
+    """Record `index` -> pixels for the encoder and its metadata row (image stored in files/ if needed)."""
+    record = source[index]
+    try:
+        pil = load_image(record["image"], min_side=size)
+        if isinstance(record["image"], str):
+            with Image.open(record["image"]) as original:  # the real size, not the draft-decoded one
+                width, height = original.size
+        else:
+            width, height = pil.size
+    except ImageReadError as e:
+        log.warning("index build: %s", e)
+        return {"valid": False, "pixels": np.zeros((size, size, 3), np.uint8), "row": None}
+    row = _image_row(index, record["image"], pil, list(record["captions"]), root)
+    row.update(width=width, height=height)
+    return {"valid": True, "pixels": center_square(pil, size), "row": row}
+
+
+def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def build_index(
+    model: str | os.PathLike,
+    source_spec: str,
+    out: str | os.PathLike,
+    split: str | None = None,
+    options: BuildOptions = BuildOptions(),
+    progress: bool = True,
+) -> Searcher:
+    """Embeds every image (and caption) of a source with a trained model and writes a searchable index.
+
+    `model` is a training run directory or a model export. Work is saved in chunks under OUT/.build, so an
+    interrupted build continues where it stopped when called again with the same arguments."""
+    out = Path(out)
+    with _writer_lock(out):
+        if current_version(out) is not None:
+            raise InvalidIndexError(
+                f"{out} already holds an index; choose a new --out, or delete it to rebuild"
+            )
+        model_dir = out / "model"
+        work = out / ".build"
+        model = Path(model)
+        if not model_dir.exists():
+            if (model / "params.npz").exists():
+                shutil.copytree(model, model_dir)
+            else:
+                export_model(model, model_dir)
+        meta = read_export_meta(model_dir)
+        source = parse_source(source_spec, split)
+        plan = {
+            "fingerprint": meta["fingerprint"], "source": source_spec, "split": source.split, "n": len(source),
+            "chunk": options.chunk, "captions": options.captions,
+        }  # fmt: skip
+        if (work / "plan.json").exists():
+            previous = json.loads((work / "plan.json").read_text())
+            if previous != plan:
+                raise InvalidIndexError(
+                    f"{work} holds an unfinished build of something else ({previous}); delete {out} to start over"
+                )
+        work.mkdir(exist_ok=True)
+        (work / "plan.json").write_text(json.dumps(plan) + "\n")
+        encoder = Encoder.load(model_dir)
+        _embed_images(source, encoder, out, work, options, progress)
+        texts, owners = caption_table(source) if options.captions else ([], np.zeros(0, np.int32))
+        _embed_captions(texts, encoder, work, options, progress)
+
+        chunks = [np.load(p) for p in sorted(work.glob("images-*.npz"))]
+        valid = np.concatenate([c["valid"] for c in chunks])
+        zimg = np.concatenate([c["embeddings"] for c in chunks])[valid]
+        rows = [json.loads(r) for c in chunks for r in c["rows"]]
+        rows = [r for r, ok in zip(rows, valid, strict=True) if ok]
+        ids = np.flatnonzero(valid).astype(np.int64)
+        dtype = np.dtype(options.dtype)
+        images = Collection.create(ids, zimg.astype(dtype), pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA),
+                                   options.ann)  # fmt: skip
+        captions = None
+        if texts:
+            ztxt = np.concatenate([np.load(p) for p in sorted(work.glob("captions-*.npy"))])
+            keep = valid[owners]
+            cids = np.flatnonzero(keep).astype(np.int64)
+            kept_texts = [t for t, k in zip(texts, keep, strict=True) if k]
+            table = pa.table(
+                {"id": cids, "image_id": owners[keep].astype(np.int64), "text": kept_texts}, schema=CAPTION_SCHEMA
+            )
+            captions = Collection.create(cids, ztxt[keep].astype(dtype), table, options.ann)
+        config = meta["config"]
+        manifest = {
+            "format": INDEX_FORMAT,
+            "jaxmr_version": jaxmr.__version__,
+            "version": 1,
+            "created": _now(),
+            "updated": _now(),
+            "model": {
+                "fingerprint": meta["fingerprint"], "step": meta["step"], "workdir": meta.get("workdir"),
+                "embed_dim": encoder.embed_dim, "image_size": encoder.image_size,
+            },
+            "config": config,
+            "source": {"spec": source_spec, "split": source.split or "all"},
+            "dtype": options.dtype,
+            "images": {"count": len(images), "unreadable": int((~valid).sum()), "ann": dataclasses.asdict(images.ann)},
+            "captions": (
+                {"count": len(captions), "ann": dataclasses.asdict(captions.ann)} if captions is not None else None
+            ),
+            "next_image_id": len(source),
+            "next_caption_id": len(texts),
+        }  # fmt: skip
+        _commit(out, manifest, {"images": images, "captions": captions})
+        shutil.rmtree(work)
+    return Searcher(out, encoder)
+
+
+def _embed_images(source, encoder: Encoder, out: Path, work: Path, options: BuildOptions, progress: bool) -> None:
+    n, size = len(source), encoder.image_size
+    n_chunks = math.ceil(n / options.chunk)
+    todo = [c for c in range(n_chunks) if not (work / f"images-{c:05d}.npz").exists()]
+    if len(todo) < n_chunks:
+        log.info("resuming: %d of %d image chunks already embedded", n_chunks - len(todo), n_chunks)
+    done = sum(min(options.chunk, n - c * options.chunk) for c in range(n_chunks) if c not in todo)
+    bar = tqdm(total=n, initial=done, unit="img", desc="embedding images", disable=not progress, smoothing=0.1)
+    with concurrent.futures.ThreadPoolExecutor(options.read_threads) as pool:
+        for c in todo:
+            start, stop = c * options.chunk, min(n, (c + 1) * options.chunk)
+            embeddings, valid, rows = [], [], []
+            for b in range(start, stop, options.batch_size):
+                items = list(
+                    pool.map(lambda i: _read(source, i, size, out), range(b, min(stop, b + options.batch_size)))
+                )
+                embeddings.append(encoder.encode_images(np.stack([it["pixels"] for it in items])))
+                valid += [it["valid"] for it in items]
+                rows += [json.dumps(it["row"]) for it in items]
+                bar.update(len(items))
+            _save_atomic(
+                work / f"images-{c:05d}.npz", embeddings=np.concatenate(embeddings), valid=np.asarray(valid),
+                rows=np.asarray(rows),
+            )  # fmt: skip
+    bar.close()
+
+
+def _embed_captions(texts: list[str], encoder: Encoder, work: Path, options: BuildOptions, progress: bool) -> None:
+    chunk = options.chunk * 4
+    n_chunks = math.ceil(len(texts) / chunk)
+    bar = tqdm(total=len(texts), unit="caption", desc="embedding captions", disable=not progress or not texts)
+    for c in range(n_chunks):
+        part = texts[c * chunk : (c + 1) * chunk]
+        path = work / f"captions-{c:05d}.npy"
+        if not path.exists():
+            z = np.concatenate([encoder.encode_texts(part[b : b + 1024]) for b in range(0, len(part), 1024)])
+            tmp = path.with_name(path.name + ".tmp.npy")
+            np.save(tmp, z)
+            os.replace(tmp, path)
+        bar.update(len(part))
+    bar.close()
+
+
+def index_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an index, with its directory's size on disk."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    version = current_version(path)
+    manifest["disk_bytes"] = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
+    return manifest

@@ -1,0 +1,239 @@
+"""The index: build (resumable), ScaNN vs exact search, add / delete without a rebuild, atomic versions."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMOKE_SOURCE, write_image
+
+from jaxmr.cli import main
+from jaxmr.data import parse_source
+from jaxmr.export import Encoder, ModelMismatchError, export_model, flatten, unflatten
+from jaxmr.index import (
+    AnnConfig,
+    BuildOptions,
+    Collection,
+    InvalidIndexError,
+    Searcher,
+    build_index,
+    exact_search,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_index(smoke_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "shapes"
+    build_index(smoke_run, SMOKE_SOURCE, out, split="test", options=BuildOptions(chunk=16), progress=False)
+    return out
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+def test_exact_search_by_hand():
+    database = np.array([[1, 0], [0, 1], [0.6, 0.8], [-1, 0]], np.float32)
+    rows, scores = exact_search(database, np.array([[1, 0], [0, -1]], np.float32), k=2, chunk=3)
+    assert rows.tolist() == [[0, 2], [3, 0]] or rows.tolist() == [[0, 2], [0, 3]]
+    np.testing.assert_allclose(scores[0], [1.0, 0.6])
+    np.testing.assert_allclose(scores[1], [0.0, 0.0])
+    rows, _ = exact_search(database, np.array([[0, 1]], np.float32), k=10)  # k above N: all rows, best first
+    assert rows.tolist() == [[1, 2, 0, 3]] or rows.tolist()[0][:2] == [1, 2]
+
+
+def test_auto_config_follows_scann_advice():
+    assert AnnConfig().resolve(5_000).method == "brute_force"
+    assert AnnConfig().resolve(50_000).method == "ah"
+    big = AnnConfig().resolve(1_000_000)
+    assert (big.method, big.num_leaves) == ("tree_ah", 1000)
+    assert 16 <= big.leaves_to_search <= big.num_leaves
+    assert AnnConfig(method="tree_ah", num_leaves=40, leaves_to_search=8).resolve(10).leaves_to_search == 8
+    assert AnnConfig.from_spec(["method=tree_ah", "ann.reorder=64"]) == AnnConfig(method="tree_ah", reorder=64)
+    with pytest.raises(ValueError, match="key in"):
+        AnnConfig.from_spec(["leaves=3"])
+    with pytest.raises(ValueError, match="not a int"):
+        AnnConfig.from_spec(["reorder=many"])
+    with pytest.raises(ValueError, match="method must be"):
+        AnnConfig(method="hnsw")
+
+
+@pytest.mark.parametrize("method", ["brute_force", "ah", "tree_ah", "exact"])
+def test_collection_add_delete_equals_fresh_build(method, tmp_path):
+    """1,000 added and 100 deleted: the same answers as a collection built fresh from the final vectors, also
+    after a save and reload."""
+    import pyarrow as pa
+
+    from jaxmr.index import CAPTION_SCHEMA
+
+    d = 32
+    base, extra, queries = unit(2000, d, 0), unit(1000, d, 1), unit(50, d, 2)
+
+    def table(ids):
+        return pa.table({"id": ids, "image_id": ids, "text": [str(i) for i in ids]}, schema=CAPTION_SCHEMA)
+
+    ann = AnnConfig(method=method, num_leaves=40, leaves_to_search=40)  # all leaves: results must be exact-like
+    ids = np.arange(2000, dtype=np.int64)
+    col = Collection.create(ids, base, table(ids), ann)
+    new_ids = np.arange(5000, 6000, dtype=np.int64)
+    col = col.added(new_ids, extra, table(new_ids))
+    gone = np.concatenate([ids[::40], new_ids[::20]])  # 50 + 50
+    col = col.removed(gone)
+    assert len(col) == 2900 and not np.isin(gone, col.ids).any()
+    assert [r and r["text"] for r in col.records([5001, 0, 7])] == ["5001", None, "7"]
+
+    keep_ids = np.setdiff1d(np.concatenate([ids, new_ids]), gone)
+    all_vectors = np.concatenate([base, extra])[np.searchsorted(np.concatenate([ids, new_ids]), keep_ids)]
+    fresh = Collection.create(keep_ids, all_vectors, table(keep_ids), ann)
+    truth, _ = fresh.search(queries, 10, exact=True)
+    found, scores = col.search(queries, 10)
+    assert recall(found, truth) >= 0.95
+    assert recall(found, truth) == pytest.approx(recall(fresh.search(queries, 10)[0], truth), abs=0.02)
+    np.testing.assert_allclose(col.vectors(found[:, 0]) @ queries.T, (all_vectors @ queries.T)[
+        np.searchsorted(keep_ids, found[:, 0])], atol=1e-6)  # fmt: skip
+
+    col.save(tmp_path / "c")
+    again = Collection.load(tmp_path / "c", col.ann)
+    np.testing.assert_array_equal(again.search(queries, 10)[0], found)
+    np.testing.assert_allclose(again.search(queries, 10)[1], scores, atol=1e-5)
+
+
+def test_build_search_info_and_cli(smoke_run, smoke_index, tmp_path, capsys):
+    searcher = Searcher(smoke_index)
+    m = searcher.manifest
+    assert m["images"]["count"] == 64 and m["captions"]["count"] == 320 and m["version"] == 1
+    assert m["model"]["embed_dim"] == 32 and m["source"] == {"spec": SMOKE_SOURCE, "split": "test"}
+    assert m["images"]["ann"]["method"] == "brute_force" and m["config"]["model"]["embed_dim"] == 32
+    zimg = np.load(smoke_index / "current" / "images" / "embeddings.npy")
+    assert zimg.dtype == np.float16 and zimg.shape == (64, 32)
+
+    # The index's embeddings are the trained model's: an image's own vector finds that image first.
+    encoder = Encoder.from_run(smoke_run)
+    source = parse_source(SMOKE_SOURCE, "test")
+    z = encoder.encode_images(np.stack([source[i]["image"] for i in range(5)]))
+    ids, scores = searcher.search(z, k=3)
+    assert ids[:, 0].tolist() == list(range(5)) and np.all(scores[:, 0] > 0.99)
+    record = searcher.records([3])[0]
+    assert record["captions"] == source.captions(3) and (record["width"], record["height"]) == (32, 32)
+    assert searcher.image_file(3).is_file() and searcher.image_file(999) is None
+
+    # ScaNN (brute force here) and the exact path agree; text -> captions works too.
+    texts = source.captions(0)[:3]
+    np.testing.assert_array_equal(searcher.search_text(texts, 5)[0], searcher.search_text(texts, 5, exact=True)[0])
+    cap_ids, _ = searcher.search_text(texts, 1, target="captions")
+    assert [r["text"] for r in searcher.records(cap_ids[:, 0], "captions")] == texts  # a caption finds itself
+
+    assert main(["index", "search", str(smoke_index), texts[0], "-k", "2", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2 and {"id", "path", "captions", "score"} <= set(results[0])
+    assert main(["index", "info", str(smoke_index)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"]["count"] == 64
+
+    with pytest.raises(ValueError, match=r"queries must be \[Q, 32\]"):
+        searcher.search(np.zeros((1, 7), np.float32))
+    with pytest.raises(ValueError, match="target must be"):
+        searcher.search(z, target="faces")
+    for argv, message in [
+        (["index", "info", str(tmp_path)], "is not an index"),
+        (["index", "search", str(smoke_index), "  "], "query is empty"),
+        (["index", "build", "--workdir", str(smoke_run), "--source", SMOKE_SOURCE, "--out", str(smoke_index)],
+         "already holds an index"),
+        (["index", "build", "--workdir", str(tmp_path), "--source", SMOKE_SOURCE, "--out", str(tmp_path / "x")],
+         "not a training run"),
+    ]:  # fmt: skip
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+
+
+def test_add_delete_persist_and_readers(smoke_index, tmp_path):
+    import shutil
+
+    index = tmp_path / "copy"
+    shutil.copytree(smoke_index, index, symlinks=True)
+    writer, reader = Searcher(index), Searcher(index)
+    pixels = [parse_source(SMOKE_SOURCE, "train")[i]["image"] for i in range(3)]
+    png = tmp_path / "upload.png"
+    write_image(png, 99, size=(50, 40))
+    new = writer.add([pixels[0], pixels[1], png.read_bytes()], captions=[["first added"], [], ["third", "3rd"]])
+    assert new == [64, 65, 66] and writer.version == 2
+    assert writer.records([66])[0]["path"] == "files/000000066.png" and writer.image_file(66).is_file()
+    assert writer.records([66])[0]["width"] == 50
+    ids, scores = writer.search(writer.encoder.encode_images(np.stack(pixels[:2])), k=1)
+    assert ids[:, 0].tolist() == [64, 65]
+    cap = writer.search_text(["3rd"], 1, target="captions")[0][0, 0]
+    assert writer.records([cap], "captions")[0] == {"id": cap, "image_id": 66, "text": "3rd"}
+
+    # The reader still answers from its version until it refreshes; then it sees the change.
+    assert len(reader.collection()) == 64 and reader.refresh() and len(reader.collection()) == 67
+    # A second writer starts from the newest version: nothing the first wrote is lost.
+    assert reader.delete([64, 0, 12345]) == 2
+    assert writer.add([pixels[2]]) == [67]
+    final = Searcher(index)
+    assert sorted(set(range(68)) - set(final.collection().ids.tolist())) == [0, 64]
+    assert not (index / "files" / "000000000.png").exists()  # deleted images' own files go too
+    caption_images = set(np.asarray(final.collection("captions").meta["image_id"]).tolist())
+    assert 64 not in caption_images and 0 not in caption_images and 66 in caption_images
+    versions = sorted(p.name for p in index.iterdir() if p.name.startswith("v"))
+    assert versions == ["v000002", "v000003", "v000004"] and os.readlink(index / "current") == "v000004"
+
+    with pytest.raises(Exception, match="cannot read image"):
+        writer.add([b"not an image"])
+    assert Searcher(index).version == 4  # a failed add changes nothing
+
+
+def test_model_mismatch_is_refused(smoke_index, smoke_run, tmp_path):
+    export_model(smoke_run, tmp_path / "model")
+    encoder = Encoder.load(tmp_path / "model")
+    assert encoder.fingerprint == Searcher(smoke_index).manifest["model"]["fingerprint"]
+    params = flatten(encoder.params)
+    params["log_t"] = np.asarray(params["log_t"]) + 1.0
+    other = Encoder(encoder.config, unflatten(params), encoder.tokenizer, "0123456789abcdef")
+    with pytest.raises(ModelMismatchError, match="fingerprint 0123456789abcdef"):
+        Searcher(smoke_index, encoder=other)
+
+
+def test_unreadable_images_are_skipped(smoke_run, tsv_folder, tmp_path):
+    (tsv_folder / "images" / "img3.jpg").write_bytes(b"broken")
+    searcher = build_index(smoke_run, f"captions:{tsv_folder}", tmp_path / "idx", options=BuildOptions(),
+                           progress=False)  # fmt: skip
+    m = searcher.manifest
+    assert (m["images"]["count"], m["images"]["unreadable"], m["captions"]["count"]) == (11, 1, 33)
+    assert 3 not in searcher.collection().ids
+    assert searcher.records([4])[0]["path"] == str((tsv_folder / "images" / "img4.jpg").resolve())
+    assert (searcher.records([4])[0]["width"], searcher.records([4])[0]["height"]) == (40, 30)
+
+
+def test_interrupted_build_resumes_with_identical_embeddings(smoke_run, tmp_path):
+    spec = "shapes:n=3000,n_val=64,n_test=64,size=32"
+    argv = [sys.executable, "-m", "jaxmr.cli", "index", "build", "--workdir", str(smoke_run), "--source", spec,
+            "--chunk", "64", "--batch-size", "64", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([*argv, "--out", str(out)], env=env, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while len(list((out / ".build").glob("images-*.npz"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "current").exists(), "the build finished before it could be killed"
+    done = len(list((out / ".build").glob("images-*.npz")))
+    assert 3 <= done < 3000 // 64
+    with pytest.raises(InvalidIndexError, match="unfinished build"):
+        Searcher(out)
+    subprocess.run([*argv, "--out", str(out)], env=env, check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([*argv, "--out", str(tmp_path / "whole")], env=env, check=True, cwd=ROOT, capture_output=True)
+    for name in ("images/embeddings.npy", "images/ids.npy", "captions/embeddings.npy"):
+        np.testing.assert_array_equal(np.load(out / "current" / name), np.load(tmp_path / "whole" / "current" / name))
+    assert not (out / ".build").exists()
