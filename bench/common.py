@@ -87,3 +87,30 @@ def refresh_index() -> None:
     ]
     parts += [p.read_text() for p in sorted(RESULTS.glob("*.md")) if p.name != "README.md"]
     (RESULTS / "README.md").write_text("\n".join(parts))
+
+
+def clustered_vectors(n: int, d: int, n_queries: int = 1000, seed: int = 0, clusters: int | None = None):
+    """Synthetic embeddings shaped like a trained dual encoder's: (database [n, d], text queries [q, d], image
+    queries [q, d]), all float32 unit vectors.
+
+    Images sit around cluster centres (cosine ~0.7 to their centre); both modalities carry their own constant
+    offset (the "modality gap"), so a text query's best match has cosine ~0.4 where an image query's has ~0.7,
+    as with CLIP-style models. Generated in chunks, so 1M x 512 needs no more than the result's memory.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clusters = clusters or max(n // 100, 10)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32) / np.sqrt(d)
+    gap_img, gap_txt = (rng.standard_normal((2, d)).astype(np.float32) / np.sqrt(d)) * 0.8
+
+    def sample(count: int, offset: np.ndarray, noise: float) -> np.ndarray:
+        out = np.empty((count, d), np.float32)
+        for start in range(0, count, 65536):
+            m = min(65536, count - start)
+            x = centres[rng.integers(0, clusters, m)] + offset
+            x += rng.standard_normal((m, d)).astype(np.float32) * (noise / np.sqrt(d))
+            out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+    return sample(n, gap_img, 0.9), sample(n_queries, gap_txt, 1.2), sample(n_queries, gap_img, 0.9)

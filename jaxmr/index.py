@@ -71,11 +71,12 @@ class AnnConfig:
 
     method: str = "auto"  # auto | brute_force | ah | tree_ah | exact
     num_leaves: int = 0  # tree_ah: 0 -> about sqrt(N)
-    leaves_to_search: int = 0  # tree_ah: 0 -> chosen from num_leaves (see resolve)
+    leaves_to_search: int = 0  # tree_ah: 0 -> calibrated at build time to reach `target_recall`
     reorder: int = 256  # ah, tree_ah: candidates re-scored exactly (at least k)
     dims_per_block: int = 2  # ah: dimensions per 4-bit code
     quantization_threshold: float = 0.2  # ah: anisotropic loss threshold for unit-norm data
     training_sample_size: int = 100_000  # tree_ah: vectors the partitioner trains on
+    target_recall: float = 0.96  # tree_ah calibration: recall@10 vs exact on sample queries (0.95 + a margin)
 
     def __post_init__(self) -> None:
         methods = ("auto", "brute_force", "ah", "tree_ah", "exact")
@@ -92,9 +93,7 @@ class AnnConfig:
         if method != "tree_ah":
             return dataclasses.replace(self, method=method, num_leaves=0, leaves_to_search=0)
         leaves = self.num_leaves or max(round(math.sqrt(n)), 1)
-        # Text queries sit away from the image cloud (the modality gap), so they need more leaves than
-        # image-to-image queries for the same recall; 1/16 of the leaves keeps t2i recall@10 above 0.95 on
-        # the benchmarks (bench/search_latency.py).
+        # A starting point only: `Collection.create` calibrates leaves_to_search on sample queries.
         search = self.leaves_to_search or min(leaves, max(leaves // 16, 16))
         return dataclasses.replace(self, method=method, num_leaves=leaves, leaves_to_search=min(search, leaves))
 
@@ -180,12 +179,47 @@ class Collection:
                 f"ids ({len(ids)}), embeddings ({len(embeddings)}) and metadata ({meta.num_rows}) differ"
             )
         self.ids, self.embeddings, self.meta, self.ann, self.scann = ids.astype(np.int64), embeddings, meta, ann, scann
+        self.calibration: dict[str, Any] | None = None
         self._sorted = np.argsort(self.ids, kind="stable")
 
     @classmethod
-    def create(cls, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig) -> Collection:
-        ann = ann.resolve(len(ids))
-        return cls(ids, embeddings, meta, ann, build_scann(embeddings, ids, ann))
+    def create(
+        cls, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig, queries: np.ndarray | None = None
+    ) -> Collection:
+        """Builds the searcher. For a tree whose leaves_to_search is not given, the smallest number of leaves that
+        reaches `ann.target_recall` on `queries` (float32 [Q, E]: the queries users will send, e.g. caption
+        embeddings for an image index) is chosen; without queries, the collection's own vectors stand in and the
+        choice is doubled, since cross-modal queries (the modality gap) need more leaves than same-modality ones.
+        """
+        resolved = ann.resolve(len(ids))
+        collection = cls(ids, embeddings, meta, resolved, build_scann(embeddings, ids, resolved))
+        if resolved.method == "tree_ah" and ann.leaves_to_search == 0:
+            collection._calibrate(queries)
+        return collection
+
+    def _calibrate(self, queries: np.ndarray | None, n_queries: int = 500) -> None:
+        rng = np.random.default_rng(0)
+        own = queries is None or len(queries) == 0
+        pool = self.embeddings if own else queries
+        sample = np.asarray(pool[np.sort(rng.choice(len(pool), min(n_queries, len(pool)), replace=False))], np.float32)
+        truth = self.ids[exact_search(self.embeddings, sample, 10)[0]]
+        leaves = self.ann.num_leaves
+        ladder = sorted(
+            {max(1, round(leaves * f)) for f in (1 / 64, 1 / 32, 1 / 16, 1 / 10, 1 / 7, 1 / 5, 1 / 3, 1 / 2, 1)}
+        )
+        chosen, recall = leaves, 1.0
+        for n in ladder:
+            found = self._search_ann(sample, 10, n)[0]
+            recall = float(np.mean([np.isin(f, t).mean() for f, t in zip(found, truth, strict=True)]))
+            if recall >= self.ann.target_recall:
+                chosen = n
+                break
+        if own:
+            chosen = min(leaves, 2 * chosen)
+        self.ann = dataclasses.replace(self.ann, leaves_to_search=chosen)
+        self.calibration = {"queries": "own vectors (doubled)" if own else "given", "recall_at_10": recall}
+        log.info("calibrated leaves_to_search = %d of %d (recall@10 %.3f on %d queries)", chosen, leaves, recall,
+                 len(sample))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -208,9 +242,13 @@ class Collection:
         if exact or self.scann is None:
             rows, scores = exact_search(self.embeddings, queries, k)
             return self.ids[rows], scores
-        k = min(k, len(self.ids))
+        return self._search_ann(queries, min(k, len(self.ids)), self.ann.leaves_to_search or None)
+
+    def _search_ann(self, queries: np.ndarray, k: int, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
         pre = max(k, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
-        ids, scores = self.scann.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
+        ids, scores = self.scann.search_batched(
+            queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves
+        )
         return np.asarray(ids, np.int64).reshape(len(queries), -1), np.asarray(scores, np.float32)
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
@@ -618,9 +656,7 @@ def build_index(
     out = Path(out)
     with _writer_lock(out):
         if current_version(out) is not None:
-            raise InvalidIndexError(
-                f"{out} already holds an index; choose a new --out, or delete it to rebuild"
-            )
+            raise InvalidIndexError(f"{out} already holds an index; choose a new --out, or delete it to rebuild")
         model_dir = out / "model"
         work = out / ".build"
         model = Path(model)
@@ -655,18 +691,19 @@ def build_index(
         rows = [r for r, ok in zip(rows, valid, strict=True) if ok]
         ids = np.flatnonzero(valid).astype(np.int64)
         dtype = np.dtype(options.dtype)
-        images = Collection.create(ids, zimg.astype(dtype), pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA),
-                                   options.ann)  # fmt: skip
-        captions = None
+        captions, ztxt = None, np.zeros((0, encoder.embed_dim), np.float32)
         if texts:
-            ztxt = np.concatenate([np.load(p) for p in sorted(work.glob("captions-*.npy"))])
             keep = valid[owners]
+            ztxt = np.concatenate([np.load(p) for p in sorted(work.glob("captions-*.npy"))])[keep]
             cids = np.flatnonzero(keep).astype(np.int64)
             kept_texts = [t for t, k in zip(texts, keep, strict=True) if k]
             table = pa.table(
                 {"id": cids, "image_id": owners[keep].astype(np.int64), "text": kept_texts}, schema=CAPTION_SCHEMA
             )
-            captions = Collection.create(cids, ztxt[keep].astype(dtype), table, options.ann)
+            # each side is tuned on the other side's vectors: the queries it will mostly answer
+            captions = Collection.create(cids, ztxt.astype(dtype), table, options.ann, queries=zimg)
+        image_table = pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+        images = Collection.create(ids, zimg.astype(dtype), image_table, options.ann, queries=ztxt)
         config = meta["config"]
         manifest = {
             "format": INDEX_FORMAT,
@@ -681,9 +718,13 @@ def build_index(
             "config": config,
             "source": {"spec": source_spec, "split": source.split or "all"},
             "dtype": options.dtype,
-            "images": {"count": len(images), "unreadable": int((~valid).sum()), "ann": dataclasses.asdict(images.ann)},
+            "images": {
+                "count": len(images), "unreadable": int((~valid).sum()), "ann": dataclasses.asdict(images.ann),
+                "calibration": images.calibration,
+            },
             "captions": (
-                {"count": len(captions), "ann": dataclasses.asdict(captions.ann)} if captions is not None else None
+                {"count": len(captions), "ann": dataclasses.asdict(captions.ann), "calibration": captions.calibration}
+                if captions is not None else None
             ),
             "next_image_id": len(source),
             "next_caption_id": len(texts),

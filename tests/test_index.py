@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMOKE_SOURCE, write_image
 
 from jaxmr.cli import main
 from jaxmr.data import parse_source
@@ -24,6 +23,8 @@ from jaxmr.index import (
     build_index,
     exact_search,
 )
+
+from conftest import SMOKE_SOURCE, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +171,7 @@ def test_add_delete_persist_and_readers(smoke_index, tmp_path):
     assert new == [64, 65, 66] and writer.version == 2
     assert writer.records([66])[0]["path"] == "files/000000066.png" and writer.image_file(66).is_file()
     assert writer.records([66])[0]["width"] == 50
-    ids, scores = writer.search(writer.encoder.encode_images(np.stack(pixels[:2])), k=1)
+    ids, _ = writer.search(writer.encoder.encode_images(np.stack(pixels[:2])), k=1)
     assert ids[:, 0].tolist() == [64, 65]
     cap = writer.search_text(["3rd"], 1, target="captions")[0][0, 0]
     assert writer.records([cap], "captions")[0] == {"id": cap, "image_id": 66, "text": "3rd"}
@@ -237,3 +238,21 @@ def test_interrupted_build_resumes_with_identical_embeddings(smoke_run, tmp_path
     for name in ("images/embeddings.npy", "images/ids.npy", "captions/embeddings.npy"):
         np.testing.assert_array_equal(np.load(out / "current" / name), np.load(tmp_path / "whole" / "current" / name))
     assert not (out / ".build").exists()
+
+
+def test_tree_calibrates_leaves_on_the_queries_it_will_answer():
+    import pyarrow as pa
+
+    from bench.common import clustered_vectors
+
+    database, text, _ = clustered_vectors(20_000, 32, n_queries=600, seed=3)
+    ids = np.arange(len(database), dtype=np.int64)
+    col = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah"), queries=text[:300])
+    assert col.ann.num_leaves == 141 and 1 <= col.ann.leaves_to_search <= 141
+    assert col.calibration["recall_at_10"] >= 0.96
+    truth = exact_search(database, text[300:], 10)[0]
+    assert recall(col.search(text[300:], 10)[0], truth) >= 0.93  # held-out queries
+    own = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah"))
+    assert own.calibration["queries"] == "own vectors (doubled)"
+    fixed = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah", leaves_to_search=5))
+    assert fixed.ann.leaves_to_search == 5 and fixed.calibration is None
