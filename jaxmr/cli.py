@@ -136,6 +136,16 @@ def _index_search(args: argparse.Namespace) -> None:
         print(f"{rank:>3}  {score:.3f}  id {record['id']:<8} {what}{extra}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from serve.app import run
+    from serve.settings import Settings
+
+    settings = Settings.from_env(index=args.index, host=args.host, port=args.port, api_key=args.api_key)
+    if not settings.index:
+        raise ValueError("which index? give --index INDEX_DIR (or set JAXMR_INDEX)")
+    run(settings)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from jaxmr.demo import run_demo
 
@@ -204,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--target", default="images", choices=("images", "captions"), help="what to return")
     search.add_argument("--exact", action="store_true", help="exact search instead of ScaNN")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    serve = add("serve", _serve, "serve search over an index: JSON API, web UI, metrics")
+    serve.add_argument("--index", default=None, help="index directory (or JAXMR_INDEX)")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or JAXMR_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000, or JAXMR_PORT)")
+    serve.add_argument("--api-key", default=None, help="key for uploads and deletes (or JAXMR_API_KEY)")
 
     model = commands.add_parser("model", help="inspect model presets")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
 from jaxmr.config import TrainConfig, from_dict, to_dict
 from jaxmr.data.pipeline import center_square, load_image
@@ -209,12 +210,13 @@ class Encoder:
         """N strings -> L2-normalised float32 [N, E]."""
         return self.encode_tokens(self.tokenizer.encode(list(texts)))
 
-    def preprocess(self, image: np.ndarray | bytes | str) -> np.ndarray:
+    def preprocess(self, image: np.ndarray | bytes | str | Image.Image) -> np.ndarray:
         """Any image a record or an upload may hold -> uint8 [S, S, 3] (shorter side to S, central square).
         Raises `ImageReadError` for data that is not a readable image."""
         if isinstance(image, np.ndarray) and image.shape == (self.image_size, self.image_size, 3):
             return image.astype(np.uint8, copy=False)
-        return center_square(load_image(image, min_side=self.image_size), self.image_size)
+        pil = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image, min_side=self.image_size)
+        return center_square(pil, self.image_size)
 
     def warm_up(self) -> int:
         """Compiles every bucket of both encoders; returns how many functions were compiled."""

@@ -1,1 +1,1 @@
-"""The Litestar search server and its web UI (`jaxmr serve`); it arrives with the index (issues 6 and 7)."""
+"""The search server and its web UI (`jaxmr serve`): a Litestar app (app.py) over the engine (engine.py)."""

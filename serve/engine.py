@@ -1,0 +1,320 @@
+"""What the server does, without HTTP: micro-batched query encoding and search, uploads, graph and projection.
+
+Concurrent queries wait in one asyncio queue; a single worker takes everything that queued up (at most
+`max_batch`), encodes all their texts in one call and all their images in another, and runs one batched
+search per target. The encoders pad to fixed buckets that were compiled at start-up, so no request compiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from jaxmr.data.pipeline import ImageReadError
+from jaxmr.index import Searcher
+from serve.metrics import Metrics
+from serve.settings import Settings
+
+
+class BadRequest(ValueError):
+    """Client input the server refuses (a 400), with a message meant for the client."""
+
+
+class TooLarge(BadRequest):
+    """An upload over the size limits (a 413)."""
+
+
+def decode_upload(data: bytes, settings: Settings) -> Image.Image:
+    """Untrusted bytes -> an RGB image, checked against the byte and pixel limits before decoding."""
+    if len(data) > settings.max_upload_bytes:
+        raise TooLarge(f"image of {len(data)} bytes is over the limit of {settings.max_upload_bytes} bytes")
+    if not data:
+        raise BadRequest("the image is empty")
+    try:
+        pil = Image.open(io.BytesIO(data))  # reads the header only
+        if pil.width * pil.height > settings.max_pixels:
+            raise TooLarge(f"image of {pil.width}x{pil.height} pixels is over the limit of {settings.max_pixels}")
+        pil.load()
+        return pil.convert("RGB")
+    except TooLarge:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadRequest("not a readable image: the format is not one Pillow knows (JPEG, PNG, WebP, ...)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"not a readable image: {e}") from None
+
+
+@dataclasses.dataclass
+class Query:
+    """One search: text, image pixels, or both (composed); `vector` skips encoding (find-similar)."""
+
+    text: str | None = None
+    image: np.ndarray | None = None  # uint8 [S, S, 3]
+    vector: np.ndarray | None = None  # float32 [E]
+    k: int = 10
+    offset: int = 0
+    target: str = "images"
+    exclude: int | None = None  # an id to leave out of the results (the query image itself)
+
+
+@dataclasses.dataclass
+class Answer:
+    ids: list[int]
+    scores: list[float]
+    timing_ms: dict[str, float]
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.searcher = Searcher(settings.index)
+        self.encoder = self.searcher.encoder
+        self.ready = False
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._device_lock = threading.Lock()  # encoders and searches from the batch worker and uploads
+        self._projection: dict[tuple[int, int], dict] = {}
+        self._thumbs: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self.compiled_after_warm_up: int | None = None
+
+    # ---- life cycle
+
+    def warm_up(self) -> None:
+        """Compiles every bucket of both encoders and runs one search per target."""
+        if self.settings.warm_up:
+            self.encoder.warm_up()
+        z = self.encoder.encode_texts(["warm up"])
+        self.searcher.search(z, 1)
+        if self.searcher.manifest.get("captions"):
+            self.searcher.search(z, 1, target="captions")
+        self.compiled_after_warm_up = self.encoder.compiled_count()
+        self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.warm_up)
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    # ---- search
+
+    async def search(self, query: Query) -> Answer:
+        if self._queue is None:
+            raise RuntimeError("the engine is not started")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((query, future, time.perf_counter()))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            if self.settings.batch_window_ms:
+                await asyncio.sleep(self.settings.batch_window_ms / 1000)
+            while len(jobs) < self.settings.max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            try:
+                answers = await asyncio.to_thread(self._answer, [q for q, _, _ in jobs])
+            except Exception as e:  # delivered to each waiting request (a 500 there), the worker lives on
+                for _, future, _ in jobs:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            now = time.perf_counter()
+            for (_, future, started), answer in zip(jobs, answers, strict=True):
+                answer.timing_ms["total"] = (now - started) * 1e3
+                if not future.done():
+                    future.set_result(answer)
+
+    def _answer(self, queries: list[Query]) -> list[Answer]:
+        """Encodes and searches a micro-batch: one encoder call per modality, one search per target."""
+        with self._device_lock:
+            self.searcher.refresh()  # another writer (a CLI, a second server) may have committed a version
+            start = time.perf_counter()
+            dim = self.searcher.manifest["model"]["embed_dim"]
+            texts = [q.text for q in queries if q.text is not None]
+            images = [q.image for q in queries if q.image is not None]
+            ztxt = self.encoder.encode_texts(texts) if texts else np.zeros((0, dim), np.float32)
+            zimg = self.encoder.encode_images(np.stack(images)) if images else np.zeros((0, dim), np.float32)
+            vectors, t, i = [], iter(ztxt), iter(zimg)
+            for q in queries:
+                zt = next(t) if q.text is not None else None
+                zi = next(i) if q.image is not None else None
+                vectors.append(q.vector if q.vector is not None else self._compose(zi, zt))
+            encode = time.perf_counter() - start
+            results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
+            for target in ("images", "captions"):
+                members = [n for n, q in enumerate(queries) if q.target == target]
+                if not members:
+                    continue
+                depth = max(queries[n].k + queries[n].offset + (queries[n].exclude is not None) for n in members)
+                ids, scores = self.searcher.search(np.stack([vectors[n] for n in members]), depth, target)
+                for row, n in enumerate(members):
+                    results[n] = (ids[row], scores[row])
+            search = time.perf_counter() - start - encode
+        self.metrics.stage.labels("encode").observe(encode)
+        self.metrics.stage.labels("search").observe(search)
+        self.metrics.batch_size.observe(len(queries))
+        answers = []
+        for q, (ids, scores) in zip(queries, results, strict=True):
+            keep = ids != q.exclude if q.exclude is not None else np.ones(len(ids), bool)
+            ids, scores = ids[keep][q.offset : q.offset + q.k], scores[keep][q.offset : q.offset + q.k]
+            timing = {"encode": encode * 1e3, "search": search * 1e3, "batch": len(queries)}
+            answers.append(Answer([int(x) for x in ids], [float(x) for x in scores], timing))
+        return answers
+
+    def _compose(self, zimg: np.ndarray | None, ztxt: np.ndarray | None) -> np.ndarray:
+        if zimg is None:
+            return ztxt
+        if ztxt is None:
+            return zimg
+        z = zimg + self.settings.compose_text_weight * ztxt
+        return z / max(float(np.linalg.norm(z)), 1e-6)
+
+    # ---- reading the index
+
+    def records(self, ids: list[int], target: str = "images") -> list[dict[str, Any] | None]:
+        start = time.perf_counter()
+        records = self.searcher.records(ids, target)
+        self.metrics.stage.labels("metadata").observe(time.perf_counter() - start)
+        return records
+
+    def image_vector(self, image_id: int) -> np.ndarray | None:
+        collection = self.searcher.collection("images")
+        if collection.rows_of([image_id])[0] < 0:
+            return None
+        return collection.vectors([image_id])[0]
+
+    def thumbnail(self, image_id: int, size: int) -> bytes | None:
+        """A JPEG at most `size` pixels on its longer side (an in-memory LRU of 2,048)."""
+        key = (self.searcher.version, image_id, size)
+        if key in self._thumbs:
+            self._thumbs.move_to_end(key)
+            return self._thumbs[key]
+        path = self.searcher.image_file(image_id)
+        if path is None:
+            return None
+        try:
+            with Image.open(path) as pil:
+                pil.draft("RGB", (size, size))
+                pil = pil.convert("RGB")
+                pil.thumbnail(
+                    (size, size), Image.Resampling.BICUBIC if max(pil.size) > size else Image.Resampling.NEAREST
+                )
+                if max(pil.size) < size:  # tiny images (the shapes world) are upscaled crisply
+                    scale = size / max(pil.size)
+                    pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.Resampling.NEAREST)
+                buffer = io.BytesIO()
+                pil.save(buffer, "JPEG", quality=85)
+        except OSError:
+            return None
+        self._thumbs[key] = buffer.getvalue()
+        if len(self._thumbs) > 2048:
+            self._thumbs.popitem(last=False)
+        return self._thumbs[key]
+
+    # ---- writing
+
+    def add(self, images: list[bytes], captions: list[list[str]]) -> list[int]:
+        for data in images:  # every upload checked before the index changes; it stores the bytes as sent
+            decode_upload(data, self.settings)
+        with self._device_lock:
+            try:
+                ids = self.searcher.add(images, captions)
+            except ImageReadError as e:
+                raise BadRequest(str(e)) from None
+        self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
+        return ids
+
+    def delete(self, image_id: int) -> bool:
+        with self._device_lock:
+            removed = self.searcher.delete([image_id]) == 1
+        self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
+        return removed
+
+    # ---- views
+
+    def graph(self, ids: list[int], scores: list[float], neighbours: int = 3) -> dict[str, Any]:
+        """Results grouped by k-means (k ~ sqrt(n / 2)), each linked to its nearest results by cosine."""
+        vectors = self.searcher.collection("images").vectors(ids)
+        n = len(ids)
+        k = int(min(8, max(1, round(np.sqrt(n / 2)))))
+        labels = kmeans(vectors, k) if n > k else np.arange(n)
+        sim = vectors @ vectors.T
+        np.fill_diagonal(sim, -np.inf)
+        edges = {}
+        for a in range(n):
+            for b in np.argsort(-sim[a])[: min(neighbours, n - 1)]:
+                key = (min(a, int(b)), max(a, int(b)))
+                edges[key] = float(sim[a, b])
+        return {
+            "nodes": [{"id": i, "score": s, "cluster": int(c)} for i, s, c in zip(ids, scores, labels, strict=True)],
+            "edges": [{"source": ids[a], "target": ids[b], "weight": w} for (a, b), w in sorted(edges.items())],
+            "clusters": k,
+        }
+
+    def projection(self, n: int) -> dict[str, Any]:
+        """A 2-D t-SNE of up to `n` images (a fixed sample), computed once per index version and size."""
+        key = (self.searcher.version, n)
+        if key not in self._projection:
+            collection = self.searcher.collection("images")
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(len(collection), min(n, len(collection)), replace=False))
+            vectors = np.asarray(collection.embeddings[rows], np.float32)
+            xy, method = project_2d(vectors)
+            ids = collection.ids[rows]
+            self._projection = {key: {
+                "method": method,
+                "points": [{"id": int(i), "x": float(x), "y": float(y)} for i, (x, y) in zip(ids, xy, strict=True)],
+            }}  # fmt: skip
+        return self._projection[key]
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> np.ndarray:
+    """Cluster labels int [N] of rows of x [N, E] (k-means++ start, Lloyd iterations)."""
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        d = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
+    centres = np.asarray(centres)
+    labels = np.zeros(len(x), np.int64)
+    for _ in range(iterations):
+        labels = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+        for c in range(k):
+            if (labels == c).any():
+                centres[c] = x[labels == c].mean(0)
+    return labels
+
+
+def project_2d(vectors: np.ndarray) -> tuple[np.ndarray, str]:
+    """float32 [N, E] -> ([N, 2] in [-1, 1], method): t-SNE when there are enough points, else PCA."""
+    if len(vectors) >= 10:
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(2, perplexity=min(30.0, (len(vectors) - 1) / 3), init="pca", random_state=0).fit_transform(vectors)
+        method = "tsne"
+    else:
+        centred = vectors - vectors.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T if len(vectors) > 1 else np.zeros((len(vectors), 2))
+        xy = np.pad(xy, ((0, 0), (0, max(0, 2 - xy.shape[1]))))
+        method = "pca"
+    scale = np.abs(xy).max() or 1.0
+    return (xy / scale).astype(np.float32), method

@@ -1,0 +1,50 @@
+"""Server settings: defaults, overridden by JAXMR_* environment variables, overridden by `jaxmr serve` flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    index: str = ""  # index directory (`jaxmr index build --out`)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""  # when set, uploads and deletes need the header X-API-Key
+    max_upload_bytes: int = 10 * 1024 * 1024  # per image, encoded
+    max_pixels: int = 40_000_000  # per image, decoded (decompression bombs stop here)
+    max_text_chars: int = 1000
+    max_k: int = 100  # results per page
+    max_offset: int = 1000  # how deep pagination goes
+    max_batch: int = 64  # queries encoded and searched together
+    batch_window_ms: float = 0.0  # extra wait for more queries; 0: batch whatever queued meanwhile
+    compose_text_weight: float = 1.0  # image + text without a trained fusion module: zimg + w * ztxt
+    projection_max: int = 2000
+    warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("port", "max_upload_bytes", "max_pixels", "max_text_chars", "max_k", "max_batch", "projection_max")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
+        if self.max_offset < 0 or self.batch_window_ms < 0:
+            raise ValueError("max_offset and batch_window_ms cannot be negative")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults < JAXMR_<NAME> environment variables < `overrides` (None values are ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(f"JAXMR_{field.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(field.default)
+            try:
+                values[field.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            except ValueError:
+                raise ValueError(f"JAXMR_{field.name.upper()}={raw!r} is not a {kind.__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,222 @@
+// jaxmr search UI: plain JavaScript, no external files (it must work offline).
+// The query lives in the URL (?q=...&similar=ID&view=grid|graph|tsne), so a search can be shared.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { q: "", similar: null, view: "grid", image: null, imageName: "" };
+const COLOURS = ["#2f6fde", "#e0562b", "#2ba36b", "#9b4fd1", "#d1a12b", "#1fa2b8", "#d14f8a", "#6b7385"];
+const SVG = "http://www.w3.org/2000/svg";
+
+function readUrl() {
+  const p = new URLSearchParams(location.search);
+  state.q = p.get("q") || "";
+  state.similar = p.get("similar") ? Number(p.get("similar")) : null;
+  state.view = ["grid", "graph", "tsne"].includes(p.get("view")) ? p.get("view") : "grid";
+}
+
+function writeUrl(push = true) {
+  const p = new URLSearchParams();
+  if (state.q) p.set("q", state.q);
+  if (state.similar !== null) p.set("similar", state.similar);
+  if (state.view !== "grid") p.set("view", state.view);
+  const url = p.toString() ? `?${p}` : location.pathname;
+  if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+}
+
+function status(text) { $("status").textContent = text; }
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+function card(result, rank) {
+  const el = document.createElement("div");
+  el.className = "card";
+  el.dataset.id = result.image_id ?? result.id;
+  const caption = result.text || (result.captions && result.captions[0]) || "";
+  el.innerHTML = `<img loading="lazy" alt=""><span class="rank"></span><span class="score"></span>
+    <div class="meta"><div class="caption"></div></div>`;
+  el.querySelector("img").src = result.thumbnail + (rank <= 5 ? "?size=256" : "");
+  el.querySelector("img").alt = caption;
+  el.querySelector(".rank").textContent = `#${rank}`;
+  el.querySelector(".score").textContent = result.score.toFixed(3);
+  el.querySelector(".caption").textContent = caption;
+  el.title = `id ${el.dataset.id} · score ${result.score.toFixed(4)}\n${caption}`;
+  el.addEventListener("click", () => findSimilar(Number(el.dataset.id)));
+  return el;
+}
+
+function showResults(body, label) {
+  const top = $("top"), more = $("more");
+  top.replaceChildren(); more.replaceChildren();
+  body.results.forEach((r, i) => (i < 5 ? top : more).appendChild(card(r, i + 1)));
+  const t = body.timing_ms;
+  status(body.results.length ? `${label}: ${body.results.length} results in ${t.total.toFixed(1)} ms ` +
+    `(encode ${t.encode.toFixed(1)}, search ${t.search.toFixed(1)})` : `${label}: no results`);
+}
+
+async function imageAsBase64(id) {
+  const blob = await (await fetch(`/api/images/${id}`)).blob();
+  return new Promise((resolve) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.readAsDataURL(blob);
+  });
+}
+
+async function run() {
+  $("query").value = state.q;
+  setView(state.view);
+  showExample();
+  try {
+    if (state.view === "tsne") return await drawProjection();
+    if (state.view === "graph") {
+      if (!state.q) return status("type a query to see its results as a graph");
+      return await drawGraph();
+    }
+    if (state.image || (state.similar !== null && state.q)) {  // an example image, maybe modified by text
+      const image = state.image || await imageAsBase64(state.similar);
+      const body = { image, k: 55 };
+      if (state.q) body.text = state.q;
+      const label = state.q ? `image + “${state.q}”` : "similar to your image";
+      return showResults(await api("/api/search", { method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify(body) }), label);
+    }
+    if (state.similar !== null) return showResults(await api(`/api/similar/${state.similar}?k=55`), `similar to #${state.similar}`);
+    if (state.q) {
+      return showResults(await api("/api/search", { method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: state.q, k: 55 }) }), `“${state.q}”`);
+    }
+    $("top").replaceChildren(); $("more").replaceChildren();
+    status("type a query, upload an image, or open the t-SNE view to browse");
+  } catch (e) {
+    status(`error: ${e.message}`);
+  }
+}
+
+function findSimilar(id) {
+  state.similar = id; state.image = null; state.q = ""; state.view = "grid";
+  writeUrl(); run();
+}
+
+function showExample() {
+  const bar = $("example-bar");
+  if (state.image) { $("example-thumb").src = state.image; $("example-label").textContent = `${state.imageName}: type text to modify it`; }
+  else if (state.similar !== null) { $("example-thumb").src = `/api/thumbnails/${state.similar}`; $("example-label").textContent = `image #${state.similar}: type text to modify it`; }
+  bar.hidden = !(state.image || state.similar !== null);
+}
+
+function setView(view) {
+  state.view = view;
+  for (const b of document.querySelectorAll("#views button")) b.classList.toggle("active", b.dataset.view === view);
+  $("grid-view").hidden = view !== "grid";
+  $("graph-view").hidden = view !== "graph";
+  $("tsne-view").hidden = view !== "tsne";
+}
+
+function svgEl(name, attrs, parent) {
+  const el = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (parent) parent.appendChild(el);
+  return el;
+}
+
+async function drawGraph() {
+  const g = await api(`/api/graph?q=${encodeURIComponent(state.q)}&k=50`);
+  const svg = $("graph");
+  svg.replaceChildren();
+  const W = 1000, H = 640, n = g.nodes.length;
+  const index = new Map(g.nodes.map((node, i) => [node.id, i]));
+  // clusters start on a circle; a short force simulation pulls linked results together
+  const pos = g.nodes.map((node, i) => {
+    const a = 2 * Math.PI * node.cluster / g.clusters + i * 0.3;
+    return { x: W / 2 + 220 * Math.cos(a) + 40 * Math.cos(i), y: H / 2 + 200 * Math.sin(a) + 40 * Math.sin(i), vx: 0, vy: 0 };
+  });
+  for (let step = 0; step < 300; step++) {
+    for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) {
+      const dx = pos[j].x - pos[i].x, dy = pos[j].y - pos[i].y, d2 = dx * dx + dy * dy + 1, f = 1800 / d2;
+      pos[i].vx -= f * dx; pos[i].vy -= f * dy; pos[j].vx += f * dx; pos[j].vy += f * dy;
+    }
+    for (const e of g.edges) {
+      const a = pos[index.get(e.source)], b = pos[index.get(e.target)];
+      const dx = b.x - a.x, dy = b.y - a.y, f = 0.004 * Math.max(e.weight, 0.05);
+      a.vx += f * dx; a.vy += f * dy; b.vx -= f * dx; b.vy -= f * dy;
+    }
+    for (const p of pos) {
+      p.vx += (W / 2 - p.x) * 0.002; p.vy += (H / 2 - p.y) * 0.002;
+      p.x = Math.min(W - 30, Math.max(30, p.x + p.vx)); p.y = Math.min(H - 30, Math.max(30, p.y + p.vy));
+      p.vx *= 0.6; p.vy *= 0.6;
+    }
+  }
+  const weights = g.edges.map((e) => e.weight), lo = Math.min(...weights), hi = Math.max(...weights);
+  for (const e of g.edges) {
+    const a = pos[index.get(e.source)], b = pos[index.get(e.target)], t = (e.weight - lo) / (hi - lo || 1);
+    svgEl("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y, stroke: `hsl(${220 - 200 * t}, 70%, 50%)`,
+      "stroke-width": 0.5 + 4 * t, "stroke-opacity": 0.3 + 0.6 * t }, svg);
+  }
+  g.nodes.forEach((node, i) => {
+    const group = svgEl("g", { class: "node", "data-id": node.id, cursor: "pointer" }, svg);
+    svgEl("rect", { x: pos[i].x - 24, y: pos[i].y - 24, width: 48, height: 48, rx: 6, fill: COLOURS[node.cluster % 8] }, group);
+    svgEl("image", { href: node.thumbnail, x: pos[i].x - 21, y: pos[i].y - 21, width: 42, height: 42 }, group);
+    svgEl("title", {}, group).textContent = `#${i + 1} score ${node.score.toFixed(3)} · cluster ${node.cluster}\n${(node.captions || [""])[0]}`;
+    group.addEventListener("click", () => findSimilar(node.id));
+  });
+  status(`“${state.q}”: top ${n} in ${g.clusters} clusters; edge colour and width by similarity`);
+}
+
+async function drawProjection() {
+  status("computing the t-SNE projection (once per index version)…");
+  const p = await api("/api/projection?n=600");
+  const svg = $("tsne"), hover = $("hover");
+  svg.replaceChildren();
+  for (const point of p.points) {
+    const c = svgEl("circle", { cx: 500 + 470 * point.x, cy: 320 + 300 * point.y, r: 5, fill: "#2f6fde",
+      "fill-opacity": 0.65, cursor: "pointer", "data-id": point.id }, svg);
+    c.addEventListener("mouseenter", (ev) => {
+      hover.src = point.thumbnail; hover.hidden = false;
+      hover.style.left = `${ev.clientX + 12}px`; hover.style.top = `${ev.clientY + 12}px`;
+      hover.title = (point.captions || [""])[0];
+    });
+    c.addEventListener("mouseleave", () => { hover.hidden = true; });
+    c.addEventListener("click", () => findSimilar(point.id));
+  }
+  status(`${p.points.length} images, ${p.method === "tsne" ? "t-SNE" : "PCA"}; hover to see, click to find similar`);
+}
+
+$("search-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  state.q = $("query").value.trim();
+  if (!state.image && state.similar === null && !state.q) return status("type something to search for");
+  if (state.view === "tsne") state.view = "grid";
+  writeUrl(); run();
+});
+$("image-input").addEventListener("change", () => {
+  const file = $("image-input").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => { state.image = reader.result; state.imageName = file.name; state.similar = null; state.view = "grid"; writeUrl(); run(); };
+  reader.readAsDataURL(file);
+});
+$("example-clear").addEventListener("click", () => { state.image = null; state.similar = null; writeUrl(); run(); });
+for (const b of document.querySelectorAll("#views button")) {
+  b.addEventListener("click", () => { setView(b.dataset.view); writeUrl(); run(); });
+}
+window.addEventListener("popstate", () => { readUrl(); state.image = null; run(); });
+
+(async function start() {
+  readUrl();
+  for (let attempt = 0; attempt < 120; attempt++) {  // the server may still be warming up
+    try {
+      const info = await api("/api/info");
+      $("info").textContent = `${info.images.toLocaleString()} images, ${info.captions.toLocaleString()} captions · ` +
+        `model ${info.model.fingerprint} (step ${info.model.step}) · index v${info.version} · jaxmr ${info.jaxmr_version}`;
+      return run();
+    } catch (e) {
+      status(`waiting for the server: ${e.message}`);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+})();

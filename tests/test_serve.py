@@ -1,0 +1,316 @@
+"""The search server: every route, every bad input (4xx, never 5xx), no compilation after warm-up,
+micro-batching, uploads and deletes, and a schema-driven fuzz run against a live server."""
+
+import asyncio
+import base64
+import io
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxmr.data import parse_source
+from jaxmr.index import BuildOptions, build_index
+from serve.app import create_app
+from serve.engine import Engine, Query, kmeans
+from serve.settings import Settings
+
+from conftest import SMOKE_SOURCE
+
+KEY = "s3cret"
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def index_dir(smoke_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "index"
+    build_index(smoke_run, SMOKE_SOURCE, out, split="test", options=BuildOptions(), progress=False)
+    return out
+
+
+def wait_ready(get, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if get("/readyz").status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def client(index_dir, tmp_path_factory):
+    from litestar.testing import TestClient
+
+    copy = tmp_path_factory.mktemp("serve_copy") / "index"
+    shutil.copytree(index_dir, copy, symlinks=True)
+    settings = Settings(index=str(copy), api_key=KEY, max_upload_bytes=60_000, max_pixels=1_000_000)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}  # alive while still loading
+        wait_ready(c.get)
+        yield c
+
+
+def test_search_routes(client):
+    source = parse_source(SMOKE_SOURCE, "test")
+    caption = source.captions(7)[0]
+    body = client.post("/api/search", json={"text": caption, "k": 5}).json()
+    assert len(body["results"]) == 5 and set(body["timing_ms"]) >= {"encode", "search", "total"}
+    first = body["results"][0]
+    assert {"id", "score", "url", "thumbnail", "captions", "width", "height"} <= set(first)
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    page2 = client.post("/api/search", json={"text": caption, "k": 2, "offset": 2}).json()["results"]
+    assert [r["id"] for r in page2] == [r["id"] for r in body["results"][2:4]]
+
+    captions = client.post("/api/search", json={"text": caption, "k": 3, "target": "captions"}).json()["results"]
+    assert captions[0]["text"] == caption and captions[0]["image_id"] == 7  # a caption finds itself
+
+    image = png(source[7]["image"])
+    by_image = client.post("/api/search", json={"image": b64(image), "k": 3}).json()["results"]
+    assert by_image[0]["id"] == 7 and by_image[0]["score"] > 0.99
+    data_url = "data:image/png;base64," + b64(image)
+    composed = client.post("/api/search", json={"image": data_url, "text": "a blue star", "k": 3}).json()
+    assert len(composed["results"]) == 3
+    assert client.post("/api/search", json={"image": b64(image), "k": 2, "target": "captions"}).status_code == 200
+
+    similar = client.get("/api/similar/7?k=4").json()["results"]
+    assert len(similar) == 4 and 7 not in [r["id"] for r in similar]
+    response = client.get("/api/images/7")
+    assert response.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content))), source[7]["image"])
+    thumb = client.get("/api/thumbnails/7?size=64")
+    assert thumb.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumb.content)).size == (64, 64)
+
+    graph = client.get("/api/graph", params={"q": caption, "k": 20}).json()
+    assert len(graph["nodes"]) == 20 and 2 <= graph["clusters"] <= 8
+    ids = {n["id"] for n in graph["nodes"]}
+    assert graph["edges"] and all(e["source"] in ids and e["target"] in ids for e in graph["edges"])
+    assert all(-1 <= e["weight"] <= 1 for e in graph["edges"]) and "thumbnail" in graph["nodes"][0]
+    projection = client.get("/api/projection?n=40").json()
+    assert projection["method"] == "tsne" and len(projection["points"]) == 40
+    assert all(-1 <= p["x"] <= 1 and -1 <= p["y"] <= 1 for p in projection["points"])
+    assert client.get("/api/projection?n=40").json() == projection  # cached
+
+    info = client.get("/api/info").json()
+    assert info["images"] == 64 and info["captions"] == 320 and info["uploads_need_key"]
+    assert client.get("/").text.startswith("<!doctype html>") and client.get("/app.js").status_code == 200
+    schema = client.get("/schema/openapi.json").json()
+    assert {"/api/search", "/api/similar/{image_id}", "/api/images", "/api/graph"} <= set(schema["paths"])
+    metrics = client.get("/metrics").text
+    assert 'jaxmr_requests_total{method="POST",route="/api/search",status="200"}' in metrics
+    assert 'jaxmr_stage_seconds_count{stage="encode"}' in metrics and "jaxmr_stage_seconds_bucket" in metrics
+    assert 'route="/api/similar/{image_id}"' in metrics and "/api/similar/7" not in metrics  # templates, not paths
+
+
+def bomb() -> bytes:
+    """A 4000 x 4000 PNG of a few kB: 16M pixels, over the fixture's 1M limit."""
+    buffer = io.BytesIO()
+    Image.new("1", (4000, 4000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+BAD_SEARCHES = [
+    ({"text": ""}, 400, "empty"),
+    ({"text": "   "}, 400, "empty"),
+    ({"text": "x" * 1001}, 400, "limit is 1000"),
+    ({"text": "x", "k": 0}, 400, "k must be between 1 and 100"),
+    ({"text": "x", "k": 101}, 400, "k must be between 1 and 100"),
+    ({"text": "x", "offset": -1}, 400, "offset must be between"),
+    ({"text": "x", "offset": 5000}, 400, "offset must be between"),
+    ({"text": "x", "target": "videos"}, 400, "target must be"),
+    ({}, 400, "give a text, an image, or both"),
+    ({"image": "%%%not base64%%%"}, 400, "base64"),
+    ({"image": b64(b"just some text, not an image")}, 400, "not a readable image"),
+    (
+        {"image": b64(np.random.default_rng(0).integers(0, 255, 70_000, dtype=np.uint8).tobytes())},
+        413,
+        "over the limit",
+    ),
+    ({"image": b64(bomb())}, 413, "pixels is over the limit"),
+    ({"text": 5}, 400, "Validation failed"),
+    ({"text": "x", "k": "many"}, 400, "Validation failed"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_SEARCHES)
+def test_bad_search_requests_get_clear_4xx(client, body, status, message):
+    response = client.post("/api/search", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def test_bad_routes_ids_and_path_tricks(client):
+    assert (
+        client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"}).status_code
+        == 400
+    )
+    for path in ["/api/images/99999", "/api/thumbnails/99999", "/api/similar/99999"]:
+        response = client.get(path)
+        assert response.status_code == 404 and "no image with id 99999" in response.json()["detail"]
+    for path in ["/api/images/abc", "/api/images/..%2F..%2Fetc%2Fpasswd", "/..%2F..%2Fetc%2Fpasswd",
+                 "/%2e%2e/%2e%2e/etc/passwd", "/../../etc/passwd", "/api/images/7/../../../../etc/passwd",
+                 "/app.js/../../../pyproject.toml"]:  # fmt: skip
+        response = client.get(path)
+        assert response.status_code in (400, 404), path
+        assert b"root:" not in response.content and b"[project]" not in response.content
+    assert client.get("/api/thumbnails/7?size=4").status_code == 400
+    assert client.get("/api/similar/7?k=0").status_code == 400
+    assert client.get("/api/graph").status_code == 400  # q is required
+    assert client.get("/api/graph", params={"q": " "}).status_code == 400
+    assert client.get("/api/projection?n=999999").status_code == 400
+    assert client.delete("/api/images/99999", headers={"x-api-key": KEY}).status_code == 404
+
+
+def test_uploads_need_the_key_and_round_trip(client):
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[8:24, 8:24] = (250, 20, 200)
+    files = [("files", ("magenta.png", png(pixels), "image/png"))]
+    assert client.post("/api/images", files=files).status_code == 401
+    assert client.post("/api/images", files=files, headers={"x-api-key": "wrong"}).status_code == 401
+    assert client.delete("/api/images/3").status_code == 401
+
+    headers = {"x-api-key": KEY}
+    bad = client.post("/api/images", files=[("files", ("x.png", b"not an image", "image/png"))], headers=headers)
+    assert bad.status_code == 400 and "not a readable image" in bad.json()["detail"]
+    lines = client.post("/api/images", files=files, data={"captions": "one\ntwo"}, headers=headers)
+    assert lines.status_code == 400 and "2 caption lines for 1 files" in lines.json()["detail"]
+    before = client.get("/api/info").json()["images"]
+
+    response = client.post("/api/images", files=files, data={"captions": "a magenta square | pink block"},
+                           headers=headers)  # fmt: skip
+    assert response.status_code == 201, response.text
+    (new,) = response.json()["ids"]
+    assert response.json()["records"][0]["captions"] == ["a magenta square", "pink block"]
+    assert client.get("/api/info").json()["images"] == before + 1
+    found = client.post("/api/search", json={"image": b64(png(pixels)), "k": 1}).json()["results"][0]
+    assert found["id"] == new and found["score"] > 0.99
+    assert client.get(f"/api/images/{new}").content == png(pixels)  # stored as sent
+    caption_hit = client.post("/api/search", json={"text": "pink block", "k": 1, "target": "captions"}).json()
+    assert caption_hit["results"][0]["image_id"] == new
+
+    assert client.delete(f"/api/images/{new}", headers=headers).json() == {"deleted": new}
+    assert client.get(f"/api/images/{new}").status_code == 404
+    assert client.get("/api/info").json()["images"] == before
+
+
+def test_no_compilation_after_warm_up_and_micro_batching(index_dir):
+    engine = Engine(Settings(index=str(index_dir)))
+    source = parse_source(SMOKE_SOURCE, "test")
+
+    async def scenario():
+        await engine.start()
+        compiled = engine.encoder.compiled_count()
+        assert compiled == engine.compiled_after_warm_up == 2 * len(engine.encoder.buckets)
+        queries = [Query(text=source.captions(i)[0], k=3) for i in range(10)]
+        queries += [Query(image=engine.encoder.preprocess(source[i]["image"]), k=2) for i in range(5)]
+        queries += [Query(image=engine.encoder.preprocess(source[0]["image"]), text="red", k=4, target="captions")]
+        answers = await asyncio.gather(*(engine.search(q) for q in queries))  # all queued before the worker runs
+        sizes = {a.timing_ms["batch"] for a in answers}
+        for n in (1, 3, 7, 33, 64):  # batches of every size: bucket padding, never a new shape
+            await asyncio.gather(*(engine.search(Query(text=f"a shape {i}", k=1)) for i in range(n)))
+        await engine.stop()
+        return answers, sizes, compiled
+
+    answers, sizes, compiled = asyncio.run(scenario())
+    assert sizes == {16}  # one encoder call per modality and one search per target for all 16
+    assert [a.ids[0] for a in answers[10:15]] == list(range(5))
+    assert len(answers[15].ids) == 4 and all(len(a.ids) == 3 for a in answers[:10])
+    assert engine.encoder.compiled_count() == compiled
+
+
+def test_kmeans_by_hand():
+    x = np.array([[0, 0], [0, 0.1], [5, 5], [5.1, 5], [10, 0], [10, 0.2]], np.float32)
+    labels = kmeans(x, 3)
+    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[4] == labels[5]
+    assert len(set(labels.tolist())) == 3
+
+
+def test_settings_from_environment():
+    s = Settings.from_env({"JAXMR_PORT": "9000", "JAXMR_API_KEY": "k", "JAXMR_WARM_UP": "false"}, index="x", port=None)
+    assert (s.port, s.api_key, s.warm_up, s.index) == (9000, "k", False, "x")
+    with pytest.raises(ValueError, match="JAXMR_MAX_K='lots' is not a int"):
+        Settings.from_env({"JAXMR_MAX_K": "lots"})
+    with pytest.raises(ValueError, match="max_k must be positive"):
+        Settings(max_k=0)
+
+
+# ------------------------------------------------------------------------------------------- live server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(index_dir, tmp_path_factory):
+    """The app under uvicorn on a free localhost port, in a thread (for the fuzz and browser tests)."""
+    import httpx
+    import uvicorn
+
+    copy = tmp_path_factory.mktemp("live") / "index"
+    shutil.copytree(index_dir, copy, symlinks=True)
+    port = free_port()
+    settings = Settings(index=str(copy), port=port, api_key=KEY, max_upload_bytes=200_000)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    wait_ready(lambda path: httpx.get(url + path))
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_fuzz_the_api_from_its_openapi_schema(live_server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{live_server}/schema/openapi.json")
+    failures = []
+
+    @given(case=schema.as_strategy())
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case):
+        response = case.call(base_url=live_server, headers={"x-api-key": KEY}, timeout=30)
+        if response.status_code >= 500:
+            failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+
+    fuzz()
+    assert not failures, "\n".join(failures[:10])
+
+
+def test_browser_search_then_click_for_similar(live_server, tmp_path):
+    """Headless Chromium types a query, sees result images, clicks one and sees similar images."""
+    pytest.importorskip("playwright.sync_api")
+    from serve.screenshot import find_chromium, search_and_click
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium on this machine (apt install chromium)")
+    shot = tmp_path / "ui.png"
+    seen = search_and_click(live_server, "a large red circle", shot)
+    assert not seen["errors"], seen["errors"]
+    before, after = seen["before"], seen["after"]
+    assert len(before["ids"]) == 55 and before["status"].startswith("“a large red circle”: 55 results")
+    assert "q=a+large+red+circle" in before["url"]
+    assert after["url"].endswith(f"?similar={before['ids'][0]}") and before["ids"][0] not in after["ids"]
+    assert len(after["ids"]) == 55 and after["ids"] != before["ids"]
+    assert Image.open(shot).size == (1280, 860)
