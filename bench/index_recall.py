@@ -59,8 +59,11 @@ def main() -> None:
     parser.add_argument("--synthetic", type=float, default=0, help="size of the synthetic set (0: none)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="a 20k synthetic set only (CI smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.quick:
+        args.index, args.synthetic, args.queries = [], 20_000, 200
     records = []
     rng = np.random.default_rng(0)
     for item in args.index:

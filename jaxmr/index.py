@@ -477,7 +477,7 @@ class Searcher:
     def image_file(self, image_id: int) -> Path | None:
         """The image file of an id (inside the index for owned images), None for an unknown id."""
         (record,) = self.records([image_id])
-        if record is None:
+        if record is None or not record["path"]:  # unknown id, or vectors without a file (`write_index`)
             return None
         path = Path(record["path"])
         return path if path.is_absolute() else self.path / path
@@ -546,7 +546,9 @@ class Searcher:
             present = [int(i) for i in np.unique(np.asarray(ids, np.int64)[rows >= 0])]
             if not present:
                 return 0
-            owned = [r["path"] for r in state.images.records(present) if not Path(r["path"]).is_absolute()]
+            owned = [
+                r["path"] for r in state.images.records(present) if r["path"] and not Path(r["path"]).is_absolute()
+            ]
             images_col = state.images.removed(present)
             captions_col = state.captions
             if captions_col is not None:
@@ -659,13 +661,7 @@ def build_index(
             raise InvalidIndexError(f"{out} already holds an index; choose a new --out, or delete it to rebuild")
         model_dir = out / "model"
         work = out / ".build"
-        model = Path(model)
-        if not model_dir.exists():
-            if (model / "params.npz").exists():
-                shutil.copytree(model, model_dir)
-            else:
-                export_model(model, model_dir)
-        meta = read_export_meta(model_dir)
+        meta = _ensure_model(Path(model), model_dir)
         source = parse_source(source_spec, split)
         plan = {
             "fingerprint": meta["fingerprint"], "source": source_spec, "split": source.split, "n": len(source),
@@ -704,34 +700,90 @@ def build_index(
             captions = Collection.create(cids, ztxt.astype(dtype), table, options.ann, queries=zimg)
         image_table = pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
         images = Collection.create(ids, zimg.astype(dtype), image_table, options.ann, queries=ztxt)
-        config = meta["config"]
-        manifest = {
-            "format": INDEX_FORMAT,
-            "jaxmr_version": jaxmr.__version__,
-            "version": 1,
-            "created": _now(),
-            "updated": _now(),
-            "model": {
-                "fingerprint": meta["fingerprint"], "step": meta["step"], "workdir": meta.get("workdir"),
-                "embed_dim": encoder.embed_dim, "image_size": encoder.image_size,
-            },
-            "config": config,
-            "source": {"spec": source_spec, "split": source.split or "all"},
-            "dtype": options.dtype,
-            "images": {
-                "count": len(images), "unreadable": int((~valid).sum()), "ann": dataclasses.asdict(images.ann),
-                "calibration": images.calibration,
-            },
-            "captions": (
-                {"count": len(captions), "ann": dataclasses.asdict(captions.ann), "calibration": captions.calibration}
-                if captions is not None else None
-            ),
-            "next_image_id": len(source),
-            "next_caption_id": len(texts),
-        }  # fmt: skip
-        _commit(out, manifest, {"images": images, "captions": captions})
+        source_info = {"spec": source_spec, "split": source.split or "all", "unreadable": int((~valid).sum())}
+        _write_manifest(out, meta, images, captions, source_info, options.dtype, len(source), len(texts))
         shutil.rmtree(work)
     return Searcher(out, encoder)
+
+
+def _write_manifest(
+    out: Path,
+    meta: dict,
+    images: Collection,
+    captions: Collection | None,
+    source: dict,
+    dtype: str,
+    next_image_id: int,
+    next_caption_id: int,
+) -> None:
+    """Version 1 of an index: the manifest and both collections, committed atomically."""
+    model = meta["config"]["model"]
+    manifest = {
+        "format": INDEX_FORMAT,
+        "jaxmr_version": jaxmr.__version__,
+        "version": 1,
+        "created": _now(),
+        "updated": _now(),
+        "model": {
+            "fingerprint": meta["fingerprint"], "step": meta["step"], "workdir": meta.get("workdir"),
+            "embed_dim": model["embed_dim"], "image_size": meta["image_size"],
+        },
+        "config": meta["config"],
+        "source": {k: v for k, v in source.items() if k != "unreadable"},
+        "dtype": dtype,
+        "images": {
+            "count": len(images), "unreadable": source.get("unreadable", 0), "ann": dataclasses.asdict(images.ann),
+            "calibration": images.calibration,
+        },
+        "captions": (
+            {"count": len(captions), "ann": dataclasses.asdict(captions.ann), "calibration": captions.calibration}
+            if captions is not None else None
+        ),
+        "next_image_id": next_image_id,
+        "next_caption_id": next_caption_id,
+    }  # fmt: skip
+    _commit(out, manifest, {"images": images, "captions": captions})
+
+
+def write_index(
+    out: str | os.PathLike,
+    model: str | os.PathLike,
+    vectors: np.ndarray,
+    rows: list[dict[str, Any]] | None = None,
+    ann: AnnConfig = AnnConfig(),
+    queries: np.ndarray | None = None,
+    dtype: str = "float16",
+    description: str = "precomputed vectors",
+) -> None:
+    """An image index from precomputed unit vectors [N, E] (ids 0..N-1) made with `model` (a run or an export):
+    for embeddings computed elsewhere, and for benchmarks. `rows` are metadata rows (IMAGE_SCHEMA; default:
+    no file, no captions); `queries` tune a tree (see `Collection.create`)."""
+    out = Path(out)
+    with _writer_lock(out):
+        if current_version(out) is not None:
+            raise InvalidIndexError(f"{out} already holds an index")
+        meta = _ensure_model(Path(model), out / "model")
+        if vectors.ndim != 2 or vectors.shape[1] != meta["config"]["model"]["embed_dim"]:
+            raise ValueError(f"vectors must be [N, {meta['config']['model']['embed_dim']}], got {vectors.shape}")
+        ids = np.arange(len(vectors), dtype=np.int64)
+        if rows is None:
+            table = pa.table({"id": ids, "path": pa.nulls(len(ids), pa.string()), "width": np.zeros(len(ids), np.int32),
+                              "height": np.zeros(len(ids), np.int32), "captions": pa.array([[]] * len(ids),
+                              pa.list_(pa.string()))}, schema=IMAGE_SCHEMA)  # fmt: skip
+        else:
+            table = pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+        images = Collection.create(ids, vectors.astype(dtype), table, ann, queries=queries)
+        _write_manifest(out, meta, images, None, {"spec": description, "split": "all"}, dtype, len(ids), 0)
+
+
+def _ensure_model(model: Path, model_dir: Path) -> dict[str, Any]:
+    """The index's own copy of the model export (made from a run, or copied from an export) and its meta."""
+    if not model_dir.exists():
+        if (model / "params.npz").exists():
+            shutil.copytree(model, model_dir)
+        else:
+            export_model(model, model_dir)
+    return read_export_meta(model_dir)
 
 
 def _embed_images(source, encoder: Encoder, out: Path, work: Path, options: BuildOptions, progress: bool) -> None:
