@@ -102,3 +102,14 @@ def test_cached_images_equal_rendered_ones(tmp_path, monkeypatch):
     import pickle
 
     assert len(pickle.dumps(cached)) < 2000  # the memory map never travels to grain workers
+
+
+def test_split_all_is_every_split_in_order():
+    everything = parse_source("shapes:n=20,n_val=4,n_test=3,size=32", "all")
+    assert len(everything) == 27 and everything.split is None
+    test = parse_source("shapes:n=20,n_val=4,n_test=3,size=32", "test")
+    assert everything[25]["id"] == test[1]["id"] == "shapes-test-000001"
+    assert everything.captions(25) == test.captions(1)
+    np.testing.assert_array_equal(everything[25]["image"], test[1]["image"])
+    with pytest.raises(IndexError):
+        everything[27]

@@ -58,3 +58,28 @@ def canonical_split(split: str | None) -> str | None:
     if key not in SPLIT_ALIASES:
         raise DataError(f"unknown split {split!r}; choose one of train, val (= dev), test, all")
     return SPLIT_ALIASES[key]
+
+
+class ConcatSource:
+    """Several sources read as one (e.g. every split of the shapes world for `--split all`)."""
+
+    def __init__(self, parts: list[Source], name: str):
+        self.parts, self.name, self.split = [p for p in parts if len(p)], name, None
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, index: int) -> tuple[Source, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.parts[part], int(index - self._starts[part])
+
+    def __getitem__(self, index: int) -> Record:
+        part, local = self._locate(int(index))
+        return part[local]
+
+    def captions(self, index: int) -> list[str]:
+        part, local = self._locate(int(index))
+        return part.captions(local)

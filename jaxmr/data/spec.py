@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSource
-from jaxmr.data.records import DataError, Source
+from jaxmr.data.records import ConcatSource, DataError, Source, canonical_split
 from jaxmr.data.shapes import ShapesConfig, ShapesSource
 from jaxmr.data.tfds_source import TfdsSource
 
@@ -35,7 +35,11 @@ def _options(text: str, allowed: dict[str, type], what: str) -> dict:
 
 def _shapes(arg: str, split: str | None) -> Source:
     fields = {"n": int, "size": int, "seed": int, "n_val": int, "n_test": int}
-    return ShapesSource(ShapesConfig(**_options(arg, fields, "shapes")), split)
+    config = ShapesConfig(**_options(arg, fields, "shapes"))
+    if canonical_split(split) is None:  # "all": train, val and test one after another
+        parts = [ShapesSource(config, s) for s in ("train", "val", "test") if config.count(s)]
+        return ConcatSource(parts, parts[0].name)
+    return ShapesSource(config, split)
 
 
 def _tfds(arg: str, split: str | None) -> Source:
