@@ -149,7 +149,8 @@ def _serve(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from jaxmr.demo import run_demo
 
-    run_demo(Path(args.workdir), args.config)
+    run_demo(Path(args.workdir), args.config, photos=Path(args.photos) if args.photos else None,
+             serve=not args.no_serve, host=args.host, port=args.port, progress=not args.no_progress)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,6 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = add("demo", _demo, "run the product end to end on the built-in shapes world")
     demo.add_argument("--workdir", default="runs/demo", help="where runs and artifacts go (reused when present)")
     demo.add_argument("--config", default=None, help="a config to train instead of configs/shapes_tiny.py")
+    demo.add_argument("--photos", default=None, help="index and serve this folder of your own images instead")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    demo.add_argument("--port", type=int, default=8000, help="port to serve on")
+    demo.add_argument("--no-serve", action="store_true", help="stop after building the index")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     from train.main import add_arguments
 

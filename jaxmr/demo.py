@@ -1,21 +1,29 @@
-"""`jaxmr demo`: the product end to end on the built-in shapes world, with what exists so far.
+"""`jaxmr demo`: the whole product in one command, on the built-in shapes world.
 
-Today: preview the shapes world, train `configs/shapes_tiny.py` (or reuse a finished run in the workdir) and
-print the text<->image recall table on the test split. Index building and the search server join here as
-`jaxmr index` and `jaxmr serve` land.
+    data -> train configs/shapes_tiny.py -> evaluate -> index images and captions -> serve the UI
+
+Every stage reuses what a previous run left in the workdir (a finished training run, an index built by the
+same model), so a second `jaxmr demo` goes straight to serving. `--photos DIR` indexes a folder of your own
+images with the demo model instead and serves that.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 from pathlib import Path
 
 from jaxmr.config import load_config_file
 from jaxmr.data import parse_source
+from jaxmr.export import Encoder, fingerprint
+from jaxmr.index import BuildOptions, build_index, current_version, read_manifest
 from jaxmr.trainer import evaluate, read_metrics, train
 from jaxmr.viz import caption_grid
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
+EXAMPLE_QUERIES = ("a large red circle", "a small blue star to the left of a green square",
+                   "three shapes: two triangles and a yellow diamond")  # fmt: skip
 
 
 def print_table(metrics: dict) -> None:
@@ -26,24 +34,84 @@ def print_table(metrics: dict) -> None:
     print(f"{metrics['n_images']} images, {metrics['n_captions']} captions")
 
 
-def run_demo(workdir: Path, config_spec: str | None = None) -> None:
+def _model_fingerprint(run: Path) -> str:
+    encoder = Encoder.from_run(run)
+    return fingerprint(encoder.params, encoder.config)
+
+
+def ensure_index(run: Path, source_spec: str, split: str, out: Path, progress: bool = True) -> Path:
+    """`out` indexed by the run's current model: reused when it is, (re)built otherwise (resumes a partial one)."""
+    if current_version(out) is not None:
+        if read_manifest(out)["model"]["fingerprint"] == _model_fingerprint(run):
+            print(f"    reusing the index in {out}")
+            return out
+        print(f"    {out} was built by another model: rebuilding it")
+        shutil.rmtree(out)
+    elif (out / ".build").exists() and (out / "model").exists():
+        from jaxmr.export import read_export_meta
+
+        if read_export_meta(out / "model")["fingerprint"] != _model_fingerprint(run):
+            shutil.rmtree(out)  # an unfinished build by an older model
+    start = time.perf_counter()
+    searcher = build_index(run, source_spec, out, split, BuildOptions(), progress=progress)
+    m = searcher.manifest
+    captions = m["captions"]["count"] if m["captions"] else 0
+    print(f"    indexed {m['images']['count']:,} images and {captions:,} captions in "
+          f"{time.perf_counter() - start:.0f} s -> {out}")  # fmt: skip
+    return out
+
+
+def run_demo(
+    workdir: Path,
+    config_spec: str | None = None,
+    photos: Path | None = None,
+    serve: bool = True,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    progress: bool = True,
+) -> Path:
+    """Runs the stages and serves until Ctrl-C (or returns the index directory when `serve` is False)."""
     config = load_config_file(config_spec or str(CONFIG))
     workdir.mkdir(parents=True, exist_ok=True)
     train_split = parse_source(config.data.source, "train")
     preview = workdir / "shapes_preview.png"
     caption_grid([train_split[i] for i in range(16)], preview)
-    print(f"1/3 data: {train_split.name}, {len(train_split)} training images; preview: {preview}")
+    print(f"1/5 data: {train_split.name}, {len(train_split):,} training images; preview: {preview}")
 
     run = workdir / "shapes_tiny"
     done = [m["step"] for m in read_metrics(run) if "train/loss" in m]
     if done and max(done) >= config.steps:
-        print(f"2/3 train: reusing the finished run in {run}")
+        print(f"2/5 train: reusing the finished run in {run}")
     else:
-        print(f"2/3 train: {config.steps} steps of batch {config.batch_size} -> {run} (resumes if interrupted)")
+        print(f"2/5 train: {config.steps} steps of batch {config.batch_size} -> {run} (resumes if interrupted)")
         start = time.perf_counter()
-        train(config, run)
+        train(config, run, progress=progress)
         print(f"    trained in {time.perf_counter() - start:.0f} s")
 
-    print("3/3 evaluate on the shapes test split (1,000 images, 5,000 captions):")
+    print("3/5 evaluate on the shapes test split (1,000 images, 5,000 captions):")
     print_table(evaluate(run, split="test"))
-    print("next: `jaxmr index` and `jaxmr serve` extend this demo to a search UI as they land.")
+
+    if photos is None:
+        print("4/5 index every image of the shapes world and its captions:")
+        index = ensure_index(run, config.data.source, "all", workdir / "index", progress)
+        queries = EXAMPLE_QUERIES
+    else:
+        photos = Path(photos).resolve()
+        print(f"4/5 index your photos in {photos} with the demo model (trained on shapes, not photos):")
+        tag = hashlib.sha256(str(photos).encode()).hexdigest()[:8]
+        index = ensure_index(run, f"images:{photos}", "all", workdir / f"photos-{tag}", progress)
+        queries = ("something red", "a circle", "a green object")
+    if not serve:
+        return index
+
+    from serve.app import run as serve_app
+    from serve.settings import Settings
+
+    examples = "\n".join(
+        f"      curl -s localhost:{port}/api/search -H 'content-type: application/json' -d '{{\"text\": \"{q}\"}}'"
+        for q in queries
+    )
+    print(f"5/5 serve: open http://{host}:{port} and try:\n" + "\n".join(f"      {q}" for q in queries))
+    print(f"    or from a shell:\n{examples}")
+    serve_app(Settings.from_env(index=str(index), host=host, port=port))
+    return index

@@ -191,11 +191,3 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     _, _, state, _ = load_run(workdir)
     last_logged = max(m["step"] for m in read_metrics(workdir) if "train/loss" in m)
     assert int(state.step) == last_logged < 40
-
-
-def test_demo_trains_evaluates_and_reuses(tmp_path, capsys):
-    assert cli(["demo", "--workdir", str(tmp_path), "--config", SMOKE]) == 0
-    out = capsys.readouterr().out
-    assert "text->image" in out and "64 images, 320 captions" in out and (tmp_path / "shapes_preview.png").exists()
-    assert cli(["demo", "--workdir", str(tmp_path), "--config", SMOKE]) == 0
-    assert "reusing the finished run" in capsys.readouterr().out
