@@ -25,13 +25,22 @@ def get_config(arg: str | None = None) -> TrainConfig:
     config = TrainConfig(
         model=model,
         # shuffle_group=2 puts every twin pair (same words, different meaning) in the same batch
+        # 30,000 training images: at 10,000 the model starts to memorise (val t2i R@1 0.543 after 1,500 steps,
+        # 0.587 with 30,000 after 1,450); 100,000 is no better (0.581). read_threads=0: reading a cached render
+        # is cheap, and grain's reader threads cost 3x the CPU of reading inline (124 vs 41 ms per batch),
+        # CPU the train step needs on 2 cores.
         data=DataConfig(
-            source="shapes:n=10000,size=48,seed=0", image_size=48, vocab_size=1024, max_len=32, shuffle_group=2
+            source="shapes:n=30000,size=48,seed=0",
+            image_size=48,
+            vocab_size=1024,
+            max_len=32,
+            shuffle_group=2,
+            read_threads=0,
         ),
         optim=OptimConfig(lr=2e-3, warmup_steps=50, weight_decay=0.05),
         loss=LossConfig(name="softmax"),
         batch_size=128,  # more updates per example than 256 is faster in wall-clock; 64 is worse (R@1 0.448)
-        steps=1500,
+        steps=1700,
         eval_every=500,
         checkpoint_every=500,
     )

@@ -27,6 +27,7 @@ class DataConfig:
     image_size: int = 64
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = resize only
     num_workers: int = 0  # grain worker processes
+    read_threads: int = 4  # reader threads per process: JPEG decoding overlaps; 0 for sources that are cheap to read
     shuffle_group: int = 1  # records shuffled as units (shapes: 2 puts each twin pair in the same batch)
     tokenizer: str = "bpe"  # "bpe" (learned from the training captions) or "wordpiece" (MiniLM's vocabulary)
     vocab_size: int = 1024  # for "bpe"

@@ -205,7 +205,10 @@ class Collection:
         truth = self.ids[exact_search(self.embeddings, sample, 10)[0]]
         leaves = self.ann.num_leaves
         ladder = sorted(
-            {max(1, round(leaves * f)) for f in (1 / 64, 1 / 32, 1 / 16, 1 / 10, 1 / 7, 1 / 5, 1 / 3, 1 / 2, 1)}
+            {
+                max(1, round(leaves * f))
+                for f in (1 / 64, 1 / 32, 1 / 24, 1 / 16, 1 / 12, 1 / 8, 1 / 6, 1 / 5, 1 / 4, 1 / 3, 1 / 2, 1)
+            }
         )
         chosen, recall = leaves, 1.0
         for n in ladder:

@@ -471,7 +471,7 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     pipeline = PipelineConfig(
         batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
         crop_scale=config.data.crop_scale, num_workers=config.data.num_workers,
-        shuffle_group=config.data.shuffle_group,
+        shuffle_group=config.data.shuffle_group, read_threads=config.data.read_threads,
     )  # fmt: skip
     iterator = train_iterator(source, tokenizer, pipeline, mesh=mesh, data_axes=batch_axes(mesh))
     evaluator = Evaluator(parse_source(config.data.source, config.data.eval_split), tokenizer, trainable,

@@ -133,7 +133,7 @@ async def search(request: Request, data: JSONBody[SearchRequest]) -> dict[str, A
                                    validate=True)  # fmt: skip
         except (binascii.Error, ValueError):
             raise BadRequest("image must be base64 (optionally a data: URL)") from None
-        pixels = engine.encoder.preprocess(decode_upload(raw, settings))
+        pixels = await asyncio.to_thread(lambda: engine.encoder.preprocess(decode_upload(raw, settings)))
     answer = await engine.search(Query(text=text, image=pixels, k=data.k, offset=data.offset, target=data.target))
     return {"results": _results(engine, answer.ids, answer.scores, data.target), "timing_ms": answer.timing_ms}
 
