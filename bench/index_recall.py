@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--synthetic", type=float, default=0, help="size of the synthetic set (0: none)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--notes", default="", help="a sentence for the results (which models built the indexes)")
     parser.add_argument("--quick", action="store_true", help="a 20k synthetic set only (CI smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -91,6 +92,7 @@ def main() -> None:
         "image queries its images; trees are calibrated on other captions (synthetic: other text "
         "queries). ms_per_query_batched: one `search_batched` call over all queries, divided."
     )
+    notes = f"{notes} {args.notes}".strip()
     path = write_results("index_recall", records, columns, "ScaNN recall against exact search", notes, args.out)
     print(f"wrote {path}")
 

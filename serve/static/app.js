@@ -130,26 +130,37 @@ async function drawGraph() {
   svg.replaceChildren();
   const W = 1000, H = 640, n = g.nodes.length;
   const index = new Map(g.nodes.map((node, i) => [node.id, i]));
-  // clusters start on a circle; a short force simulation pulls linked results together
-  const pos = g.nodes.map((node, i) => {
-    const a = 2 * Math.PI * node.cluster / g.clusters + i * 0.3;
-    return { x: W / 2 + 220 * Math.cos(a) + 40 * Math.cos(i), y: H / 2 + 200 * Math.sin(a) + 40 * Math.sin(i), vx: 0, vy: 0 };
-  });
-  for (let step = 0; step < 300; step++) {
+  // Fruchterman-Reingold: every pair repels, similar results attract, each cluster around its own centre.
+  const centres = Array.from({ length: g.clusters }, (_, c) => ({
+    x: W / 2 + (g.clusters > 1 ? 170 * Math.cos(2 * Math.PI * c / g.clusters) : 0),
+    y: H / 2 + (g.clusters > 1 ? 110 * Math.sin(2 * Math.PI * c / g.clusters) : 0),
+  }));
+  const pos = g.nodes.map((node, i) => ({
+    x: centres[node.cluster].x + 60 * Math.cos(i * 2.4), y: centres[node.cluster].y + 60 * Math.sin(i * 2.4),
+  }));
+  const k = 0.42 * Math.sqrt((W * H) / Math.max(n, 1));
+  const ws = g.edges.map((e) => e.weight), wlo = Math.min(...ws), whi = Math.max(...ws);
+  const strength = (w) => 0.1 + 0.4 * (w - wlo) / (whi - wlo || 1);  // relative: scores crowd near the top
+  for (let step = 0, steps = 250; step < steps; step++) {
+    const disp = pos.map(() => ({ x: 0, y: 0 }));
     for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) {
-      const dx = pos[j].x - pos[i].x, dy = pos[j].y - pos[i].y, d2 = dx * dx + dy * dy + 1, f = 1800 / d2;
-      pos[i].vx -= f * dx; pos[i].vy -= f * dy; pos[j].vx += f * dx; pos[j].vy += f * dy;
+      const dx = pos[i].x - pos[j].x, dy = pos[i].y - pos[j].y, d = Math.hypot(dx, dy) + 0.01, f = (k * k) / d;
+      disp[i].x += (dx / d) * f; disp[i].y += (dy / d) * f; disp[j].x -= (dx / d) * f; disp[j].y -= (dy / d) * f;
     }
     for (const e of g.edges) {
-      const a = pos[index.get(e.source)], b = pos[index.get(e.target)];
-      const dx = b.x - a.x, dy = b.y - a.y, f = 0.004 * Math.max(e.weight, 0.05);
-      a.vx += f * dx; a.vy += f * dy; b.vx -= f * dx; b.vy -= f * dy;
+      const a = index.get(e.source), b = index.get(e.target);
+      const dx = pos[a].x - pos[b].x, dy = pos[a].y - pos[b].y, d = Math.hypot(dx, dy) + 0.01;
+      const f = ((d * d) / k) * strength(e.weight);
+      disp[a].x -= (dx / d) * f; disp[a].y -= (dy / d) * f; disp[b].x += (dx / d) * f; disp[b].y += (dy / d) * f;
     }
-    for (const p of pos) {
-      p.vx += (W / 2 - p.x) * 0.002; p.vy += (H / 2 - p.y) * 0.002;
-      p.x = Math.min(W - 30, Math.max(30, p.x + p.vx)); p.y = Math.min(H - 30, Math.max(30, p.y + p.vy));
-      p.vx *= 0.6; p.vy *= 0.6;
-    }
+    const t = 40 * (1 - step / steps) + 1;
+    g.nodes.forEach((node, i) => {
+      const c = centres[node.cluster];
+      disp[i].x += (c.x - pos[i].x) * 0.5; disp[i].y += (c.y - pos[i].y) * 0.5;
+      const d = Math.hypot(disp[i].x, disp[i].y) + 0.01;
+      pos[i].x = Math.min(W - 30, Math.max(30, pos[i].x + (disp[i].x / d) * Math.min(d, t)));
+      pos[i].y = Math.min(H - 30, Math.max(30, pos[i].y + (disp[i].y / d) * Math.min(d, t)));
+    });
   }
   const weights = g.edges.map((e) => e.weight), lo = Math.min(...weights), hi = Math.max(...weights);
   for (const e of g.edges) {
