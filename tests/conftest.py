@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One full-suite run hung inside tokenizers' BPE training (its rayon pool) after earlier tests had forked grain
+# workers and run threaded encoders in this process; the tests' tokenizers are tiny, so run them sequentially.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Generated data (the shapes cache) goes to a fresh folder per test session, not the user's ~/.cache.
 os.environ.setdefault("JAXMR_CACHE", __import__("tempfile").mkdtemp(prefix="jaxmr-test-cache-"))
 
