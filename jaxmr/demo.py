@@ -22,8 +22,8 @@ from jaxmr.trainer import evaluate, read_metrics, train
 from jaxmr.viz import caption_grid
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
-EXAMPLE_QUERIES = ("a large red circle", "a small blue star to the left of a green square",
-                   "three shapes: two triangles and a yellow diamond")  # fmt: skip
+EXAMPLE_QUERIES = ("a large red circle and a small blue square", "there is a small white diamond",
+                   "one small green star and one small green triangle")  # fmt: skip
 
 
 def print_table(metrics: dict) -> None:

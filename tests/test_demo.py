@@ -69,6 +69,6 @@ def test_demo_serves_until_ctrl_c(tmp_path):
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
-    assert f"open http://127.0.0.1:{port}" in output and "a large red circle" in output
+    assert f"open http://127.0.0.1:{port}" in output and "a small white diamond" in output
     assert "Traceback" not in output
     assert json.loads((tmp_path / "shapes_tiny" / "config.json").read_text())["steps"] == 6
