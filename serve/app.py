@@ -63,10 +63,6 @@ class ServiceUnavailable(HTTPException):
     status_code = 503
 
 
-class PayloadTooLarge(HTTPException):
-    status_code = 413
-
-
 def _engine(request: Request) -> Engine:
     state = request.app.state
     if state.get("load_error"):
