@@ -294,7 +294,7 @@ class Collection:
             self.scann.delete([int(i) for i in gone])
             return Collection(self.ids, self.embeddings, self.meta, self.ann, self.scann)._reorder()
         keep = np.ones(len(self.ids), bool)
-        keep[self.rows_of(gone)] = False
+        keep[rows[rows >= 0]] = False
         return Collection(self.ids[keep], self.embeddings[keep], self.meta.filter(pa.array(keep)), self.ann)
 
     def _reorder(self) -> Collection:

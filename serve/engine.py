@@ -197,9 +197,8 @@ class Engine:
 
     def image_vector(self, image_id: int) -> np.ndarray | None:
         collection = self.searcher.collection("images")
-        if collection.rows_of([image_id])[0] < 0:
-            return None
-        return collection.vectors([image_id])[0]
+        (row,) = collection.rows_of([image_id])
+        return None if row < 0 else np.asarray(collection.embeddings[row], np.float32)
 
     def thumbnail(self, image_id: int, size: int) -> bytes | None:
         """A JPEG at most `size` pixels on its longer side (an in-memory LRU of 2,048)."""
@@ -214,9 +213,7 @@ class Engine:
             with Image.open(path) as pil:
                 pil.draft("RGB", (size, size))
                 pil = pil.convert("RGB")
-                pil.thumbnail(
-                    (size, size), Image.Resampling.BICUBIC if max(pil.size) > size else Image.Resampling.NEAREST
-                )
+                pil.thumbnail((size, size), Image.Resampling.BICUBIC)  # only ever shrinks
                 if max(pil.size) < size:  # tiny images (the shapes world) are upscaled crisply
                     scale = size / max(pil.size)
                     pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.Resampling.NEAREST)
