@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from jaxmr.models import ConvConfig, ModelConfig, TextConfig, ViTConfig
+from jaxmr.models import BertConfig, ConvConfig, EfficientNetConfig, ModelConfig, TextConfig, ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,17 +77,30 @@ class TrainConfig:
     checkpoint_every: int = 500  # and at the end
     keep_checkpoints: int = 2  # the latest K, plus the best by best_metric
     best_metric: str = "t2i_r1"  # higher is better
+    # LiT with both towers frozen: compute the towers' features once (cached in the workdir) and train only the
+    # projection heads on them — minutes instead of hours on a CPU. `captions_per_image` > 1 puts that many
+    # captions of each image in a batch (batch_size / captions_per_image images), all of them positives.
+    cached_features: bool = False
+    captions_per_image: int = 1
+    # Start from a model export (`jaxmr model import` of a CLIP / SigLIP checkpoint, or `jaxmr export` of a run):
+    # its parameters and tokenizer; the model config must describe the same model.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.captions_per_image < 1 or self.batch_size % self.captions_per_image:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of captions_per_image "
+                             f"{self.captions_per_image}")  # fmt: skip
+        if self.captions_per_image > 1 and not self.cached_features:
+            raise ValueError("captions_per_image > 1 needs cached_features (the image pipeline reads one caption)")
         if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
 
 
 # Every dataclass a config may contain, by name: the JSON form records which one a field holds.
-CONFIG_TYPES = {cls.__name__: cls for cls in (TrainConfig, ModelConfig, ViTConfig, ConvConfig, TextConfig,
-                                              DataConfig, OptimConfig, LossConfig)}  # fmt: skip
+CONFIG_TYPES = {cls.__name__: cls for cls in (TrainConfig, ModelConfig, ViTConfig, ConvConfig, EfficientNetConfig,
+                                              TextConfig, BertConfig, DataConfig, OptimConfig, LossConfig)}  # fmt: skip
 
 
 def to_dict(config: Any) -> Any:

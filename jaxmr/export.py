@@ -76,13 +76,20 @@ def fingerprint(params: dict, config: TrainConfig) -> str:
 
 
 def export_model(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> str:
-    """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint.
-
-    Written to a temporary sibling and renamed into place, so `out` is either the old export or the new one."""
+    """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint."""
     from jaxmr.trainer import load_run
 
     config, _, state, tokenizer = load_run(workdir, step)
     params = jax.tree.map(np.asarray, state.params)
+    return write_export(out, config, params, tokenizer, int(state.step), workdir=str(Path(workdir).resolve()))
+
+
+def write_export(out: str | os.PathLike, config: TrainConfig, params: dict, tokenizer: Tokenizer, step: int,
+                 **origin: str) -> str:  # fmt: skip
+    """Writes an export directory for `params` of `config`'s model; returns its fingerprint. `origin` is recorded
+    (the run's workdir, or the checkpoint a model was imported from).
+
+    Written to a temporary sibling and renamed into place, so `out` is either the old export or the new one."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -92,9 +99,9 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, step: int |
         meta = {
             "format": EXPORT_FORMAT,
             "fingerprint": fingerprint(params, config),
-            "step": int(state.step),
+            "step": step,
             "image_size": config.data.image_size,
-            "workdir": str(Path(workdir).resolve()),
+            **origin,
             "config": to_dict(config),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

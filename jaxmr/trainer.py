@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmr import losses
-from jaxmr.config import DataConfig, LossConfig, OptimConfig, TrainConfig, load_config, save_config
+from jaxmr.config import DataConfig, LossConfig, OptimConfig, TrainConfig, from_dict, load_config, save_config
 from jaxmr.data import (
     DataError,
     EvalStats,
@@ -42,7 +42,7 @@ from jaxmr.data import (
 )
 from jaxmr.data.pipeline import data_sharding
 from jaxmr.eval import retrieval_metrics
-from jaxmr.models import DualEncoder, ModelConfig
+from jaxmr.models import DualEncoder, ModelConfig, l2_normalize
 from jaxmr.sharding import LOGICAL_RULES, make_mesh, param_shardings
 from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
 
@@ -55,9 +55,7 @@ class TrainState:
     step: jax.Array  # int32 []
     params: dict  # pure nested dict of the model's nnx.Params
     opt_state: Any
-    rng: (
-        jax.Array
-    )  # the run's base key, checkpointed so that stochastic layers (none in the presets yet) resume exactly
+    rng: jax.Array  # the run's base key (checkpointed); step k uses fold_in(rng, k), so resumes are exact
 
 
 # ------------------------------------------------------------------------------------------ model and mesh
@@ -129,8 +127,23 @@ def make_loss(config: LossConfig, mesh: jax.sharding.Mesh) -> Callable:
 # ---------------------------------------------------------------------------------------------- the step
 
 
-def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1):
+def dual_forward(model: DualEncoder, images: jax.Array, texts: jax.Array, key: jax.Array | None):
+    """The end-to-end forward pass: uint8 images [B, H, W, 3], tokens [B, L] -> (zimg, ztxt, extras)."""
+    return model(images, texts)
+
+
+def head_forward(model: DualEncoder, image_features: jax.Array, text_features: jax.Array, key: jax.Array | None):
+    """LiT on cached tower features [B, Wi], [B, Wt]: only the projection heads run (dropout when keyed)."""
+    ki, kt = (None, None) if key is None else jax.random.split(key)
+    zimg, ztxt = model.project_image(image_features, ki), model.project_text(text_features, kt)
+    return l2_normalize(zimg), l2_normalize(ztxt), {"t": model.logit_scale, "b": model.b[...]}
+
+
+def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=None, forward=dual_forward):
     """(loss, metrics, extras, grads) for one global batch.
+
+    `forward(model, batch["image"], batch["text"], key)` embeds; the default runs both towers end to end
+    (`jaxmr.lit` swaps in the projection heads over cached tower features).
 
     With grad_accum > 1 this is GradCache: embed every micro-batch without keeping its graph, compute the
     loss on the whole batch (every negative kept), then back-propagate micro-batch by micro-batch through
@@ -140,7 +153,7 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1):
     ids = batch["index"]
 
     def embed(params, images, tokens):
-        zimg, ztxt, extras = nnx.merge(graphdef, params)(images, tokens)
+        zimg, ztxt, extras = forward(nnx.merge(graphdef, params), images, tokens, key)
         return (zimg, ztxt), extras
 
     if grad_accum == 1:
@@ -185,11 +198,12 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1):
     return loss, metrics, scalars(params), grads  # no feature norms: the features were never kept
 
 
-def make_train_step(graphdef, tx, schedule, loss_fn, grad_accum: int = 1) -> Callable:
+def make_train_step(graphdef, tx, schedule, loss_fn, grad_accum: int = 1, forward=dual_forward) -> Callable:
     """train_step(state, batch) -> (state, metrics): one optimizer step on one global batch."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, metrics, extras, grads = compute_grads(graphdef, loss_fn, state.params, batch, grad_accum)
+        key = jax.random.fold_in(state.rng, state.step)  # per-step randomness (head dropout), exact on resume
+        loss, metrics, extras, grads = compute_grads(graphdef, loss_fn, state.params, batch, grad_accum, key, forward)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         measurements = {
@@ -251,7 +265,8 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh) -> Trainable:
     opt_sharding = _like_params(shapes.opt_state, abstract_params, params_sharding, replicated)
     state_shardings = TrainState(replicated, params_sharding, opt_sharding, replicated)
     batch_sharding = data_sharding(mesh, axes)
-    step = make_train_step(graphdef, tx, schedule, make_loss(config.loss, mesh), config.grad_accum)
+    forward = head_forward if config.cached_features else dual_forward
+    step = make_train_step(graphdef, tx, schedule, make_loss(config.loss, mesh), config.grad_accum, forward)
     return Trainable(
         config=config, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_shardings,
         batch_sharding=batch_sharding,
@@ -277,15 +292,42 @@ def _like_params(opt_shapes, params, params_sharding, replicated):
     )
 
 
+def init_state(trainable: Trainable) -> TrainState:
+    """A fresh state: random initialisation, then the pretrained towers the model config names (loaded on the
+    host, checked strictly against the model, and placed with the parameters' shardings)."""
+    from jaxmr.models.pretrained import load_pretrained_towers
+
+    state = trainable.init()
+    config = trainable.config
+    if config.init_from:
+        from jaxmr.export import read_export_meta, unflatten
+        from jaxmr.models.pretrained import merge_strict
+
+        meta = read_export_meta(config.init_from)
+        if from_dict(meta["config"]).model != config.model:
+            raise ValueError(f"init_from {config.init_from}: its model config differs from this run's model config")
+        with np.load(Path(config.init_from) / "params.npz") as f:
+            params = merge_strict(jax.device_get(state.params), unflatten(dict(f)), config.init_from)
+        loaded = [f"every parameter (from {config.init_from})"]
+    else:
+        params, loaded = load_pretrained_towers(config.model, jax.device_get(state.params))
+    if loaded:
+        log.info("loaded pretrained weights into %s", ", ".join(loaded))
+        state = state.replace(params=jax.device_put(params, trainable.state_shardings.params))
+    return state
+
+
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(config: DataConfig, source: Source, workdir: Path) -> Tokenizer:
+def build_tokenizer(config: DataConfig, source: Source, workdir: Path, init_from: str = "") -> Tokenizer:
     """The run's tokenizer: loaded from the workdir when it is there, else made and saved there."""
     path = workdir / "tokenizer"
-    if (path / "tokenizer.json").exists():
+    if (path / "tokenizer_meta.json").exists():
         return load_tokenizer(path)
-    if config.tokenizer == "wordpiece":
+    if init_from:  # an imported or exported model brings its own tokenizer
+        tokenizer = load_tokenizer(Path(init_from) / "tokenizer")
+    elif config.tokenizer == "wordpiece":
         tokenizer = minilm_wordpiece(config.max_len)
     elif config.tokenizer == "bpe":
         texts, _ = caption_table(source)
@@ -293,7 +335,8 @@ def build_tokenizer(config: DataConfig, source: Source, workdir: Path) -> Tokeni
             raise DataError(f"{source.name}: no captions to learn a tokenizer from")
         tokenizer = train_bpe(texts, vocab_size=config.vocab_size, max_len=config.max_len)
     else:
-        raise ValueError(f"data.tokenizer must be bpe or wordpiece, got {config.tokenizer!r}")
+        raise ValueError(f"data.tokenizer must be bpe or wordpiece (imported models bring theirs through "
+                         f"init_from), got {config.tokenizer!r}")  # fmt: skip
     tokenizer.save(path)
     return tokenizer
 
@@ -316,27 +359,36 @@ def check_compatible(config: TrainConfig, tokenizer: Tokenizer) -> None:
 
 class Evaluator:
     """Recall@K both ways on a captioned split, with every caption of every image (big_vision style: pure
-    metrics in `jaxmr.eval`, this class only embeds)."""
+    metrics in `jaxmr.eval`, this class only embeds).
 
-    def __init__(self, source: Source, tokenizer: Tokenizer, trainable: Trainable, batch_size: int):
+    `image_fn` / `text_fn` name the DualEncoder methods that embed ("image_tower_features" / "text_tower" give
+    the towers' raw features, which is how LiT caches them)."""
+
+    def __init__(self, source: Source, tokenizer: Tokenizer, trainable: Trainable, batch_size: int,
+                 image_fn: str = "encode_image", text_fn: str = "encode_text"):  # fmt: skip
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.sharding = trainable.batch_sharding
         self.image_size = trainable.config.data.image_size
+        self.trim_padding = trainable.config.model.text.padding_is_inert
         graphdef, replicated = trainable.graphdef, NamedSharding(trainable.mesh, P())
         in_shardings = (trainable.state_shardings.params, self.sharding)
-        self.encode_image = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x), in_shardings=in_shardings,
-                                    out_shardings=replicated)  # fmt: skip
-        self.encode_text = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x), in_shardings=in_shardings,
-                                   out_shardings=replicated)  # fmt: skip
+        self.encode_image = jax.jit(lambda p, x: getattr(nnx.merge(graphdef, p), image_fn)(x),
+                                    in_shardings=in_shardings, out_shardings=replicated)  # fmt: skip
+        self.encode_text = jax.jit(lambda p, x: getattr(nnx.merge(graphdef, p), text_fn)(x),
+                                   in_shardings=in_shardings, out_shardings=replicated)  # fmt: skip
         self.texts, self.owners = caption_table(source)
         if not self.texts:
             raise DataError(f"{source.name}: evaluation needs captions")
 
-    def embed(self, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, EvalStats]:
+    def embed(self, params: dict, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, EvalStats]:
         """(zimg [N, E], ztxt [C, E], valid bool [N], stats)."""
+        from tqdm import tqdm
+
         stats = EvalStats()
         chunks, valid = [], np.zeros(len(self.source), bool)
-        for batch in eval_image_batches(self.source, self.image_size, self.batch_size, stats=stats):
+        images = eval_image_batches(self.source, self.image_size, self.batch_size, stats=stats)
+        total = -(-len(self.source) // self.batch_size)
+        for batch in tqdm(images, total=total, desc="images", unit="batch", disable=not progress, leave=False):
             z = np.asarray(self.encode_image(params, jax.device_put(batch["image"], self.sharding)))
             chunks.append((batch["index"][batch["mask"]], z[batch["mask"]]))
             valid[batch["index"][batch["mask"]]] = True
@@ -344,11 +396,22 @@ class Evaluator:
         zimg = np.zeros((len(self.source), dim), np.float32)
         for index, z in chunks:
             zimg[index] = z
+        # Captions shortest first, each batch cut to its longest caption (rounded up to 16 tokens) where the text
+        # tower ignores padding: the features are the same and short captions cost less.
+        order = np.argsort([len(t) for t in self.texts], kind="stable")
+        batches = eval_caption_batches([self.texts[i] for i in order], self.owners[order], self.tokenizer,
+                                       self.batch_size, stats=stats)  # fmt: skip
+        total = -(-len(self.texts) // self.batch_size)
         ztxt = []
-        for batch in eval_caption_batches(self.texts, self.owners, self.tokenizer, self.batch_size, stats=stats):
-            z = np.asarray(self.encode_text(params, jax.device_put(batch["text"], self.sharding)))
+        for batch in tqdm(batches, total=total, desc="captions", unit="batch", disable=not progress, leave=False):
+            tokens = batch["text"]
+            if self.trim_padding:
+                longest = int((tokens != self.tokenizer.pad_id).sum(1).max())
+                tokens = tokens[:, : min(-(-longest // 16) * 16, tokens.shape[1])]
+            z = np.asarray(self.encode_text(params, jax.device_put(tokens, self.sharding)))
             ztxt.append(z[batch["mask"]])
-        return zimg, np.concatenate(ztxt), valid, stats
+        ztxt = np.concatenate(ztxt)[np.argsort(order)]
+        return zimg, ztxt, valid, stats
 
     def __call__(self, params: dict) -> dict[str, float]:
         zimg, ztxt, valid, stats = self.embed(params)
@@ -465,25 +528,31 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     save_config(config, saved)
     mesh = make_mesh(config.mesh)
     source = parse_source(config.data.source, config.data.train_split)
-    tokenizer = build_tokenizer(config.data, source, workdir)
+    tokenizer = build_tokenizer(config.data, source, workdir, config.init_from)
     check_compatible(config, tokenizer)
     trainable = build(config, mesh)
-    pipeline = PipelineConfig(
-        batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
-        crop_scale=config.data.crop_scale, num_workers=config.data.num_workers,
-        shuffle_group=config.data.shuffle_group, read_threads=config.data.read_threads,
-    )  # fmt: skip
-    iterator = train_iterator(source, tokenizer, pipeline, mesh=mesh, data_axes=batch_axes(mesh))
-    evaluator = Evaluator(parse_source(config.data.source, config.data.eval_split), tokenizer, trainable,
-                          config.eval_batch_size)  # fmt: skip
     checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints, config.best_metric)
-    writer = MetricsWriter(workdir)
     if checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(trainable.abstract_state())
-        iterator.set_state(data_state)
         log.info("resumed from step %d", int(state.step))
     else:
-        state = trainable.init()
+        state, data_state = init_state(trainable), None
+    if config.cached_features:
+        from jaxmr.lit import cached_training
+
+        iterator, evaluator = cached_training(config, trainable, state.params, tokenizer, workdir, progress)
+    else:
+        pipeline = PipelineConfig(
+            batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
+            crop_scale=config.data.crop_scale, num_workers=config.data.num_workers,
+            shuffle_group=config.data.shuffle_group, read_threads=config.data.read_threads,
+        )  # fmt: skip
+        iterator = train_iterator(source, tokenizer, pipeline, mesh=mesh, data_axes=batch_axes(mesh))
+        evaluator = Evaluator(parse_source(config.data.source, config.data.eval_split), tokenizer, trainable,
+                              config.eval_batch_size)  # fmt: skip
+    if data_state is not None:
+        iterator.set_state(data_state)
+    writer = MetricsWriter(workdir)
     start = int(state.step)
     last_eval: dict = {}
     end = min(config.steps, stop_at_step or config.steps)

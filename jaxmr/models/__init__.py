@@ -1,5 +1,7 @@
-"""Dual encoders in Flax NNX: ViT / convnet image towers, a Transformer text tower, TIRG fusion."""
+"""Dual encoders in Flax NNX: ViT / convnet / EfficientNet-Lite image towers, Transformer / BERT text towers,
+TIRG fusion, and loaders for pretrained weights."""
 
+from jaxmr.models.bert import BertConfig
 from jaxmr.models.dual_encoder import (
     PRESETS,
     ComposedQuery,
@@ -9,13 +11,16 @@ from jaxmr.models.dual_encoder import (
     l2_normalize,
     parameter_counts,
 )
+from jaxmr.models.efficientnet import EfficientNetConfig
 from jaxmr.models.towers import ConvConfig, TextConfig, ViTConfig
 
 __all__ = [
     "PRESETS",
+    "BertConfig",
     "ComposedQuery",
     "ConvConfig",
     "DualEncoder",
+    "EfficientNetConfig",
     "ModelConfig",
     "TextConfig",
     "ViTConfig",

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmr.models.bert import Bert, BertConfig
+from jaxmr.models.efficientnet import EfficientNetConfig, EfficientNetLite
 from jaxmr.models.layers import Mlp, dense, layer_norm, param_count, partitioned
 from jaxmr.models.towers import ConvConfig, ConvNet, TextConfig, TextTransformer, ViT, ViTConfig
 
@@ -22,9 +24,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    image: ViTConfig | ConvConfig = dataclasses.field(default_factory=ViTConfig)
-    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    image: ViTConfig | ConvConfig | EfficientNetConfig = dataclasses.field(default_factory=ViTConfig)
+    text: TextConfig | BertConfig = dataclasses.field(default_factory=TextConfig)
     embed_dim: int = 256  # the shared space
+    # Projection heads from tower features into the shared space: "linear" (CLIP), or "mlp": linear + a residual
+    # two-layer GELU MLP of `head_hidden` units with dropout (LiT heads on frozen towers overfit a linear map fast).
+    head: str = "linear"
+    head_hidden: int = 1024
+    head_dropout: float = 0.0
+    proj_bias: bool = False  # a bias on the linear heads (SigLIP's text head has one)
     dtype: str = "float32"  # compute dtype ("bfloat16" keeps float32 parameters and a float32 loss)
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     # Pixel normalisation applied on the device to uint8 images: (x / 255 - mean) / std.
@@ -39,6 +47,48 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+        if self.head not in ("linear", "mlp"):
+            raise ValueError(f"head must be linear or mlp, got {self.head!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+
+class ProjectionHead(nnx.Module):
+    """features [B, din] -> [B, dout]: a linear map plus a residual GELU MLP (the "mlp" head).
+
+    Dropout is functional (`key`), so the model holds no RNG state; without a key it is off (evaluation)."""
+
+    def __init__(self, din: int, dout: int, hidden: int, dropout: float, *, rngs: nnx.Rngs, dtype=None):
+        self.linear = dense(din, dout, ("embed", None), use_bias=False, rngs=rngs, dtype=dtype)
+        self.norm = layer_norm(din, rngs=rngs, dtype=dtype)
+        self.fc1 = dense(din, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, dout, ("mlp", None), rngs=rngs, dtype=dtype, init=nnx.initializers.zeros_init())
+        self.dropout = dropout
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        h = jax.nn.gelu(self.fc1(self.norm(x)))
+        if key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0).astype(h.dtype)
+        return self.linear(x) + self.fc2(h)
+
+
+def make_image_tower(config: ViTConfig | ConvConfig | EfficientNetConfig, *, remat: bool, rngs: nnx.Rngs, dtype=None):
+    if isinstance(config, ViTConfig):
+        return ViT(config, remat=remat, rngs=rngs, dtype=dtype)
+    if isinstance(config, ConvConfig):
+        return ConvNet(config, remat=remat, rngs=rngs, dtype=dtype)
+    if isinstance(config, EfficientNetConfig):
+        return EfficientNetLite(config, rngs=rngs, dtype=dtype)
+    raise TypeError(f"unknown image tower config {type(config).__name__}")
+
+
+def make_text_tower(config: TextConfig | BertConfig, *, remat: bool, rngs: nnx.Rngs, dtype=None):
+    if isinstance(config, TextConfig):
+        return TextTransformer(config, remat=remat, rngs=rngs, dtype=dtype)
+    if isinstance(config, BertConfig):
+        return Bert(config, rngs=rngs, dtype=dtype)
+    raise TypeError(f"unknown text tower config {type(config).__name__}")
 
 
 class DualEncoder(nnx.Module):
@@ -47,17 +97,17 @@ class DualEncoder(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype = DTYPES[config.dtype]
-        if isinstance(config.image, ViTConfig):
-            self.image_tower = ViT(config.image, remat=config.remat, rngs=rngs, dtype=dtype)
-            image_width = config.image.width
-        else:
-            self.image_tower = ConvNet(config.image, remat=config.remat, rngs=rngs, dtype=dtype)
-            image_width = config.image.width
-        self.text_tower = TextTransformer(config.text, remat=config.remat, rngs=rngs, dtype=dtype)
-        self.image_proj = dense(image_width, config.embed_dim, ("embed", None), use_bias=False, rngs=rngs, dtype=dtype)
-        self.text_proj = dense(
-            config.text.width, config.embed_dim, ("embed", None), use_bias=False, rngs=rngs, dtype=dtype
-        )
+        self.image_tower = make_image_tower(config.image, remat=config.remat, rngs=rngs, dtype=dtype)
+        self.text_tower = make_text_tower(config.text, remat=config.remat, rngs=rngs, dtype=dtype)
+
+        def head(din: int):
+            if config.head == "linear":
+                return dense(din, config.embed_dim, ("embed", None), use_bias=config.proj_bias, rngs=rngs, dtype=dtype)
+            return ProjectionHead(din, config.embed_dim, config.head_hidden, config.head_dropout, rngs=rngs,
+                                  dtype=dtype)  # fmt: skip
+
+        self.image_proj = head(config.image.width)
+        self.text_proj = head(config.text.width)
         self.log_t = nnx.Param(jnp.asarray(math.log(config.init_logit_scale), jnp.float32))
         self.b = nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32))
 
@@ -67,13 +117,25 @@ class DualEncoder(nnx.Module):
         x = (images.astype(jnp.float32) / 255.0 - mean) / std
         return x.astype(DTYPES[self.config.dtype])
 
+    def image_tower_features(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, H, W, 3] -> the image tower's output [B, image width] (what LiT caches)."""
+        return self.image_tower(self._pixels(images))
+
+    def project_image(self, features: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Image tower features [B, width] -> unnormalised float32 [B, embed_dim] (`key` enables head dropout)."""
+        return _project(self.image_proj, features, key)
+
+    def project_text(self, features: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Text tower features [B, width] -> unnormalised float32 [B, embed_dim]."""
+        return _project(self.text_proj, features, key)
+
     def image_features(self, images: jax.Array) -> jax.Array:
         """uint8 [B, H, W, 3] -> projected, unnormalised float32 [B, embed_dim]."""
-        return self.image_proj(self.image_tower(self._pixels(images))).astype(jnp.float32)
+        return self.project_image(self.image_tower_features(images))
 
     def text_features(self, tokens: jax.Array) -> jax.Array:
         """int [B, L] -> projected, unnormalised float32 [B, embed_dim]."""
-        return self.text_proj(self.text_tower(tokens)).astype(jnp.float32)
+        return self.project_text(self.text_tower(tokens))
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """uint8 [B, H, W, 3] -> L2-normalised float32 [B, embed_dim]."""
@@ -97,6 +159,11 @@ class DualEncoder(nnx.Module):
             "txt/norm": jnp.linalg.norm(txt, axis=-1).mean(),
         }
         return l2_normalize(img), l2_normalize(txt), extras
+
+
+def _project(head: nnx.Module, features: jax.Array, key: jax.Array | None) -> jax.Array:
+    out = head(features, key) if isinstance(head, ProjectionHead) else head(features)
+    return out.astype(jnp.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

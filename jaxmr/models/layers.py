@@ -49,7 +49,13 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "quick_gelu": quick_gelu, "relu": jax.nn.relu}
+# "gelu" is the tanh approximation (big_vision, SigLIP's gelu_pytorch_tanh); "gelu_exact" the erf form (BERT).
+ACTIVATIONS = {
+    "gelu": jax.nn.gelu,
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
 
 
 class Mlp(nnx.Module):
@@ -82,12 +88,12 @@ class Block(nnx.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). x: [B, L, D]."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, *, activation: str, dropout: float,
-                 rngs: nnx.Rngs, dtype=None):  # fmt: skip
+                 rngs: nnx.Rngs, dtype=None, eps: float = 1e-5):  # fmt: skip
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
-        self.ln1 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.ln1 = layer_norm(width, rngs=rngs, dtype=dtype, eps=eps)
         self.attn = attention(width, heads, rngs=rngs, dtype=dtype)
-        self.ln2 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.ln2 = layer_norm(width, rngs=rngs, dtype=dtype, eps=eps)
         self.mlp = Mlp(width, int(width * mlp_ratio), activation=activation, dropout=dropout, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -101,9 +107,9 @@ class Encoder(nnx.Module):
     """A stack of `depth` blocks; `remat` recomputes each block's activations in the backward pass."""
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, activation: str = "gelu",
-                 dropout: float = 0.0, remat: bool = False, rngs: nnx.Rngs, dtype=None):  # fmt: skip
+                 dropout: float = 0.0, remat: bool = False, rngs: nnx.Rngs, dtype=None, eps: float = 1e-5):  # fmt: skip
         self.blocks = nnx.List(
-            [Block(width, heads, mlp_ratio, activation=activation, dropout=dropout, rngs=rngs, dtype=dtype)
+            [Block(width, heads, mlp_ratio, activation=activation, dropout=dropout, rngs=rngs, dtype=dtype, eps=eps)
              for _ in range(depth)]
         )  # fmt: skip
         self.remat = remat

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmr.models.layers import Encoder, attention, layer_norm, partitioned
+from jaxmr.models.layers import Encoder, Mlp, attention, layer_norm, partitioned
 from jaxmr.sharding import constrain
 
-Pool = Literal["cls", "mean", "map", "eos"]
+Pool = Literal["cls", "mean", "map"]
+TextPool = Literal["eos", "cls", "mean", "last", "argmax"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,9 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     pool: Pool = "cls"  # cls token, mean of patch tokens, or "map" (attention pooling with a learned probe)
     activation: str = "gelu"
-    ln_pre: bool = True  # LayerNorm before the blocks, as in CLIP
+    ln_pre: bool = True  # LayerNorm before the blocks, as in CLIP (SigLIP has none)
+    ln_eps: float = 1e-5  # CLIP 1e-5, SigLIP 1e-6
+    patch_bias: bool = False  # a bias on the patch convolution (SigLIP has one, CLIP not)
     dropout: float = 0.0
     # "patch": one patch x patch convolution (CLIP); "conv": a stack of 3x3 stride-2 convolutions reaching the
     # same patch size ("Early convolutions help transformers see better", Xiao et al. 2021): on small data
@@ -48,18 +51,22 @@ class ViTConfig:
 
 
 class MapHead(nnx.Module):
-    """Multihead attention pooling: a learned probe attends over the tokens. x [B, L, D] -> [B, D]."""
+    """Multihead attention pooling (big_vision's MAPHead, SigLIP's pooling head): a learned probe attends over
+    the tokens, then a residual MLP. x [B, L, D] -> [B, D]."""
 
-    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, activation: str = "gelu",
+                 eps: float = 1e-5, rngs: nnx.Rngs, dtype=None):  # fmt: skip
         self.probe = nnx.Param(
             partitioned(nnx.initializers.normal(0.02), (None, None, "embed"))(rngs.params(), (1, 1, width))
         )
         self.attn = attention(width, heads, rngs=rngs, dtype=dtype)
-        self.ln = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.ln = layer_norm(width, rngs=rngs, dtype=dtype, eps=eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio), activation=activation, dropout=0.0, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-        return self.ln(self.attn(probe, x, deterministic=True))[:, 0]
+        h = self.attn(probe, x, deterministic=True)
+        return (h + self.mlp(self.ln(h)))[:, 0]
 
 
 class ConvStem(nnx.Module):
@@ -90,8 +97,8 @@ class ViT(nnx.Module):
             self.patchify = ConvStem(c.patch, c.width, rngs=rngs, dtype=dtype)
         else:
             self.patchify = nnx.Conv(
-                3, c.width, (c.patch, c.patch), strides=(c.patch, c.patch), padding="VALID", use_bias=False,
-                dtype=dtype, rngs=rngs,
+                3, c.width, (c.patch, c.patch), strides=(c.patch, c.patch), padding="VALID", use_bias=c.patch_bias,
+                dtype=dtype, rngs=rngs, bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
                 kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
             )  # fmt: skip
         n_tokens = (c.image_size // c.patch) ** 2 + (c.pool == "cls")
@@ -99,13 +106,17 @@ class ViT(nnx.Module):
         self.pos_embed = nnx.Param(partitioned(init, (None, "length", "embed"))(rngs.params(), (1, n_tokens, c.width)))
         if c.pool == "cls":
             self.cls_token = nnx.Param(partitioned(init, (None, None, "embed"))(rngs.params(), (1, 1, c.width)))
-        self.ln_pre = layer_norm(c.width, rngs=rngs, dtype=dtype) if c.ln_pre else None
+        self.ln_pre = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.ln_eps) if c.ln_pre else None
         self.encoder = Encoder(
             c.width, c.depth, c.heads, c.mlp_ratio, activation=c.activation, dropout=c.dropout, remat=remat,
-            rngs=rngs, dtype=dtype,
+            rngs=rngs, dtype=dtype, eps=c.ln_eps,
         )  # fmt: skip
-        self.ln_post = layer_norm(c.width, rngs=rngs, dtype=dtype)
-        self.map_head = MapHead(c.width, c.heads, rngs=rngs, dtype=dtype) if c.pool == "map" else None
+        self.ln_post = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.ln_eps)
+        self.map_head = (
+            MapHead(c.width, c.heads, c.mlp_ratio, activation=c.activation, eps=c.ln_eps, rngs=rngs, dtype=dtype)
+            if c.pool == "map"
+            else None
+        )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         if images.shape[1:] != (self.config.image_size, self.config.image_size, 3):
@@ -198,14 +209,24 @@ class TextConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     causal: bool = False  # causal attention (CLIP) or bidirectional (BERT, SigLIP)
-    pool: Pool = "eos"  # the EOS token (last real token), the first token (CLS / BOS), or the masked mean
+    # "eos": the last real token; "cls": the first token (CLS / BOS); "mean": the masked mean; "last": the last
+    # position, padding or not (SigLIP, whose captions are padded to a fixed length); "argmax": the position of
+    # the largest token id (OpenAI CLIP: EOS has the largest id)
+    pool: TextPool = "eos"
     pad_id: int = 0
+    mask_padding: bool = True  # keys at pad_id are not attended to (SigLIP attends to its padding; CLIP is causal)
     activation: str = "gelu"
+    ln_eps: float = 1e-5
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.pool not in ("eos", "cls", "mean"):
-            raise ValueError(f"text pool must be eos, cls or mean, got {self.pool!r}")
+        if self.pool not in ("eos", "cls", "mean", "last", "argmax"):
+            raise ValueError(f"text pool must be eos, cls, mean, last or argmax, got {self.pool!r}")
+
+    @property
+    def padding_is_inert(self) -> bool:
+        """Whether trailing padding leaves the features unchanged (then batches may be cut to their longest text)."""
+        return (self.mask_padding or self.causal) and self.pool != "last"
 
 
 class TextTransformer(nnx.Module):
@@ -224,9 +245,9 @@ class TextTransformer(nnx.Module):
         )
         self.encoder = Encoder(
             c.width, c.depth, c.heads, c.mlp_ratio, activation=c.activation, dropout=c.dropout, remat=remat,
-            rngs=rngs, dtype=dtype,
+            rngs=rngs, dtype=dtype, eps=c.ln_eps,
         )  # fmt: skip
-        self.ln_final = layer_norm(c.width, rngs=rngs, dtype=dtype)
+        self.ln_final = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.ln_eps)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         c = self.config
@@ -236,12 +257,17 @@ class TextTransformer(nnx.Module):
         valid = tokens != c.pad_id  # [B, L]
         x = self.token_embed(tokens) + self.pos_embed[:, :length].astype(self.token_embed.embedding.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        mask = valid[:, None, None, :]  # keys that may be attended to
+        mask = valid[:, None, None, :] if c.mask_padding else None  # keys that may be attended to
         if c.causal:
-            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+            causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            mask = causal if mask is None else mask & causal
         x = self.ln_final(self.encoder(x, mask))
         if c.pool == "cls":
             return x[:, 0]
+        if c.pool == "last":
+            return x[:, -1]
+        if c.pool == "argmax":
+            return jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
         if c.pool == "mean":
             weights = valid[..., None].astype(x.dtype)
             return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)

@@ -1,0 +1,180 @@
+"""LiT on frozen towers: the towers' features are computed once and cached, then only the heads train.
+
+With both towers frozen (`optim.freeze` covers every tower parameter), each epoch of end-to-end training would
+recompute the same EfficientNet and BERT features; on a CPU that is hours. `cached_features=True` embeds every
+image and caption of the train and eval splits once (`workdir/features/`, keyed by the towers, the data and the
+preprocessing), then trains the projection heads and the temperature on batches drawn from those arrays. The
+checkpoints hold the whole model, so `jaxmr eval`, `jaxmr index build` and `jaxmr serve` use the run like any
+other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxmr.config import TrainConfig, to_dict
+from jaxmr.data import DataError, Source, parse_source
+from jaxmr.data.pipeline import to_global
+from jaxmr.eval import retrieval_metrics
+from jaxmr.models import l2_normalize
+from jaxmr.text import Tokenizer
+
+log = logging.getLogger(__name__)
+TOWERS = ("image_tower", "text_tower")
+
+
+@dataclasses.dataclass
+class Features:
+    """The towers' outputs for one split: image [N, Wi] float32, valid bool [N] (readable), text [C, Wt] float32,
+    owners int32 [C] (the image of each caption)."""
+
+    image: np.ndarray
+    valid: np.ndarray
+    text: np.ndarray
+    owners: np.ndarray
+
+
+def check_towers_frozen(config: TrainConfig, paths: list[str]) -> None:
+    """Cached features are only right if no tower parameter ever changes: every tower path must be frozen."""
+    loose = [p for p in paths if p.split("/")[0] in TOWERS and not any(re.fullmatch(r, p) for r in config.optim.freeze)]
+    if loose:
+        raise ValueError(
+            f"cached_features needs frozen towers, but {len(loose)} tower parameters train (e.g. {loose[0]}); "
+            "freeze them (optim.freeze) or set cached_features=False to fine-tune end to end"
+        )
+
+
+def cache_key(config: TrainConfig, spec: str, split: str, tokenizer: Tokenizer) -> str:
+    """What the cached features depend on: the towers, pixel normalisation, the data and the tokenizer."""
+    m, d = config.model, config.data
+    what = {
+        "image": to_dict(m.image), "text": to_dict(m.text), "pixel": [m.pixel_mean, m.pixel_std], "dtype": m.dtype,
+        "source": spec, "split": split, "image_size": d.image_size, "tokenizer": [tokenizer.kind, tokenizer.max_len],
+    }  # fmt: skip
+    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tower_features(trainable, params: dict, source: Source, tokenizer: Tokenizer, path: Path,
+                   progress: bool = True) -> Features:  # fmt: skip
+    """The towers' features for every image and caption of `source`, computed once and kept at `path`."""
+    from jaxmr.trainer import Evaluator
+
+    if path.exists():
+        with np.load(path) as f:
+            return Features(f["image"], f["valid"], f["text"], f["owners"])
+    log.info("computing tower features for %s (once; cached in %s)", source.name, path)
+    evaluator = Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
+                          image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
+    with jax.set_mesh(trainable.mesh):
+        image, text, valid, _ = evaluator.embed(params, progress=progress)
+    features = Features(image.astype(np.float32), valid, text.astype(np.float32), evaluator.owners)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **dataclasses.asdict(features))
+    partial.replace(path)
+    return features
+
+
+class FeatureBatches:
+    """Training batches drawn from cached features, deterministic in the step number (so resuming is exact).
+
+    Each epoch visits the readable, captioned images in a fresh order; a batch holds batch_size / k images and
+    k of each image's captions (distinct when it has k), with `index` naming the image so that all k are
+    positives. Yields {"image": [B, Wi], "text": [B, Wt], "index": int32 [B]} placed on the mesh.
+    """
+
+    def __init__(self, features: Features, batch_size: int, captions_per_image: int, seed: int, sharding):
+        self.features, self.k, self.seed, self.sharding = features, captions_per_image, seed, sharding
+        self.per_batch = batch_size // captions_per_image
+        by_image: dict[int, list[int]] = {}
+        for caption, owner in enumerate(features.owners):
+            if features.valid[owner]:
+                by_image.setdefault(int(owner), []).append(caption)
+        self.images = np.asarray(sorted(by_image), np.int64)
+        if len(self.images) < self.per_batch:
+            raise DataError(f"{len(self.images)} captioned images cannot fill a batch of {self.per_batch} images")
+        self.captions = [by_image[i] for i in self.images]
+        self.step = 0
+        self.stats = {"skipped_images": int((~features.valid).sum())}
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        per_epoch = len(self.images) // self.per_batch  # the last partial batch of an epoch is dropped
+        epoch, position = divmod(step, per_epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.images))[position * self.per_batch : (position + 1) * self.per_batch]
+        rng = np.random.default_rng([self.seed, epoch, position, 1])
+        texts, ids = [], []
+        for slot in order:
+            captions = self.captions[slot]
+            texts.extend(rng.choice(captions, self.k, replace=len(captions) < self.k))
+            ids.extend([slot] * self.k)
+        f = self.features
+        return {
+            "image": f.image[self.images[np.repeat(order, self.k)]],
+            "text": f.text[np.asarray(texts)],
+            "index": np.asarray(ids, np.int32),
+        }
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return to_global(batch, self.sharding)
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        pass
+
+
+class FeatureEvaluator:
+    """Recall@K of the heads on cached eval-split features (the same metrics `jaxmr eval` computes end to end)."""
+
+    def __init__(self, features: Features, trainable):
+        from flax import nnx
+
+        self.features = features
+        graphdef = trainable.graphdef
+
+        def project(params, image, text):
+            model = nnx.merge(graphdef, params)
+            return l2_normalize(model.project_image(image)), l2_normalize(model.project_text(text))
+
+        self.project = jax.jit(project)
+
+    def __call__(self, params: dict) -> dict[str, float]:
+        f = self.features
+        zimg, ztxt = (np.asarray(z) for z in self.project(params, f.image, f.text))
+        keep = f.valid[f.owners]
+        new_index = np.cumsum(f.valid) - 1
+        metrics = retrieval_metrics(zimg[f.valid], ztxt[keep], new_index[f.owners[keep]])
+        metrics["unreadable_images"] = int((~f.valid).sum())
+        return metrics
+
+
+def cached_training(config: TrainConfig, trainable, params: dict, tokenizer: Tokenizer, workdir: Path,
+                    progress: bool = True) -> tuple[FeatureBatches, FeatureEvaluator]:  # fmt: skip
+    """The batches and the evaluator of a cached-features run (features computed on first use)."""
+    from jaxmr.trainer import param_paths
+
+    check_towers_frozen(config, jax.tree.leaves(param_paths(params)))
+    data = config.data
+    cached = {}
+    for split in (data.train_split, data.eval_split):
+        source = parse_source(data.source, split)
+        name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{cache_key(config, data.source, split, tokenizer)}.npz"
+        cached[split] = tower_features(trainable, params, source, tokenizer, workdir / "features" / name, progress)
+    batches = FeatureBatches(cached[data.train_split], config.batch_size, config.captions_per_image, config.seed,
+                             trainable.batch_sharding)  # fmt: skip
+    return batches, FeatureEvaluator(cached[data.eval_split], trainable)

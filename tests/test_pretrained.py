@@ -1,0 +1,262 @@
+"""Pretrained towers: the torch-free checkpoint reader, EfficientNet-Lite0 and MiniLM parity with their PyTorch
+references, strict loading, and LiT training on cached tower features."""
+
+import pickle
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmr.models.bert import Bert, BertConfig
+from jaxmr.models.bert import pretrained_params as bert_params
+from jaxmr.models.efficientnet import (
+    EfficientNetConfig,
+    EfficientNetLite,
+    convert_torch_state,
+    lite0_checkpoint,
+    preprocess,
+)
+from jaxmr.models.efficientnet import pretrained_params as efficientnet_params
+from jaxmr.models.pretrained import merge_strict
+from jaxmr.models.torch_io import CheckpointFormatError, load_torch_checkpoint
+from jaxmr.text import minilm_model_dir, minilm_wordpiece
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def efficientnet() -> EfficientNetLite:
+    config = EfficientNetConfig(classifier=True)
+    model = EfficientNetLite(config, rngs=nnx.Rngs(0))
+    nnx.update(model, merge_strict(nnx.to_pure_dict(nnx.state(model)), efficientnet_params(config), "efficientnet"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert() -> Bert:
+    config = BertConfig(max_len=32)
+    model = Bert(config, rngs=nnx.Rngs(0))
+    nnx.update(model, merge_strict(nnx.to_pure_dict(nnx.state(model)), bert_params(config), "bert"))
+    return model
+
+
+# ------------------------------------------------------------------------------------- checkpoint reader
+
+
+def test_torch_reader_matches_torch_load_on_both_formats(tmp_path):
+    legacy = lite0_checkpoint()
+    ours, theirs = load_torch_checkpoint(legacy), torch.load(legacy, weights_only=True)
+    assert list(ours) == list(theirs) and len(ours) == 296
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[key], value.numpy())
+    state = {"w": torch.randn(3, 4).t(), "n": torch.arange(5), "h": torch.ones(2, dtype=torch.float16)}
+    torch.save(state, tmp_path / "zip.pt")
+    ours = load_torch_checkpoint(tmp_path / "zip.pt")
+    np.testing.assert_array_equal(ours["w"], state["w"].numpy())  # a transposed (strided) view
+    np.testing.assert_array_equal(ours["n"], np.arange(5))
+    assert ours["h"].dtype == np.float16
+
+
+def test_torch_reader_refuses_code_and_garbage(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {}):
+            pickle.dump(obj, f)
+        pickle.dump(Evil(), f)
+    with pytest.raises(CheckpointFormatError, match=r"refusing to load builtins\.print"):
+        load_torch_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointFormatError):
+        load_torch_checkpoint(tmp_path / "junk.pt")
+
+
+# ----------------------------------------------------------------------------------------- EfficientNet
+
+
+def test_efficientnet_loads_all_296_tensors_strictly():
+    state = load_torch_checkpoint(lite0_checkpoint())
+    converted = convert_torch_state(state, classifier=True)
+    model = EfficientNetLite(EfficientNetConfig(classifier=True), rngs=nnx.Rngs(0))
+    merged = merge_strict(nnx.to_pure_dict(nnx.state(model)), converted, "efficientnet")
+    n_leaves = len(jax.tree.leaves(merged))
+    n_counters = sum(k.endswith("num_batches_tracked") for k in state)
+    assert n_leaves + n_counters == 296  # every tensor has exactly one place
+    with pytest.raises(KeyError, match="unexpected tensor"):
+        convert_torch_state({**state, "_blocks.0._se_reduce.weight": np.zeros((8, 32, 1, 1))}, classifier=True)
+    del converted["blocks"][3]["project_bn"]["mean"]
+    with pytest.raises(ValueError, match="no value for 1 parameters: blocks/3/project_bn/mean"):
+        merge_strict(nnx.to_pure_dict(nnx.state(model)), converted, "efficientnet")
+
+
+def test_efficientnet_matches_pytorch_reference(efficientnet):
+    reference_lib = pytest.importorskip("efficientnet_lite_pytorch")
+    reference = reference_lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_checkpoint()))
+    reference.eval()
+    images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    x = np.array(preprocess(images))
+    with torch.no_grad():
+        tx = torch.from_numpy(x).permute(0, 3, 1, 2)
+        ref_features = reference.extract_features(tx).mean((2, 3)).numpy()
+        ref_logits = reference(tx).numpy()
+    features = np.asarray(jax.jit(lambda v: efficientnet(v))(x))
+    logits = np.asarray(jax.jit(lambda v: efficientnet.logits(v))(x))
+    assert features.shape == (2, 1280)
+    assert np.abs(features - ref_features).max() <= 1e-4
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+
+
+def test_efficientnet_sees_a_cat_and_a_coffee(efficientnet):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from jaxmr.data.pipeline import center_square
+
+    photos = np.stack([center_square(Image.fromarray(p()), 224) for p in (skimage_data.chelsea, skimage_data.coffee)])
+    logits = np.asarray(jax.jit(lambda v: efficientnet.logits(v))(preprocess(photos)))
+    assert int(logits[0].argmax()) in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert int(logits[1].argmax()) == 967  # espresso
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+
+TEXTS = [
+    "a dog runs across the grass",
+    "Two children are playing on a beach with a red ball!",
+    "x",
+    "A man in an orange hat starring at something .",
+]
+
+
+def test_minilm_matches_sentence_transformers_and_transformers(bert):
+    tokens = minilm_wordpiece(32).encode(TEXTS)
+    ours = np.asarray(jax.jit(lambda t: bert(t))(tokens))
+    assert ours.shape == (4, 384)
+
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(minilm_model_dir()), device="cpu")
+    reference = st.encode(TEXTS, convert_to_numpy=True)  # mean pooling, then L2 normalisation
+    assert np.abs(ours / np.linalg.norm(ours, axis=1, keepdims=True) - reference).max() <= 1e-4
+
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(str(minilm_model_dir())).eval()
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = ((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
+    assert np.abs(ours - pooled).max() <= 1e-4
+
+
+def test_minilm_padding_does_not_change_features(bert):
+    tokens = minilm_wordpiece(32).encode(TEXTS)
+    full = np.asarray(bert(tokens))
+    cut = np.asarray(bert(tokens[:, :16]))  # every caption here is shorter than 16 tokens
+    np.testing.assert_allclose(full, cut, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ LiT, cached features
+
+
+def lit_config(folder, **changes):
+    import dataclasses
+
+    from jaxmr.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+    from jaxmr.models import ModelConfig
+    from jaxmr.models.efficientnet import PIXEL_MEAN, PIXEL_STD
+
+    model = ModelConfig(
+        image=EfficientNetConfig(image_size=64), text=BertConfig(max_len=16), embed_dim=32, head="mlp",
+        head_hidden=64, head_dropout=0.2, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
+    )  # fmt: skip
+    config = TrainConfig(
+        model=model,
+        data=DataConfig(
+            source=f"captions:{folder}",
+            train_split="train",
+            eval_split="dev",
+            image_size=64,
+            tokenizer="wordpiece",
+            max_len=16,
+            read_threads=0,
+        ),
+        optim=OptimConfig(lr=1e-2, warmup_steps=1, freeze=("image_tower/.*", "text_tower/.*")),
+        loss=LossConfig(name="softmax"),
+        batch_size=8,
+        captions_per_image=2,
+        cached_features=True,
+        steps=6,
+        log_every=1,
+        eval_every=3,
+        checkpoint_every=3,
+        eval_batch_size=8,
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_folder, tmp_path):
+    from jaxmr.trainer import evaluate, load_run, read_metrics, train
+
+    workdir = tmp_path / "run"
+    config = lit_config(tsv_folder)
+    train(config, workdir, stop_at_step=3, progress=False)
+    cache = sorted((workdir / "features").glob("*.npz"))
+    assert [p.name.split("-")[0] for p in cache] == ["dev", "train"]
+    stamps = [p.stat().st_mtime_ns for p in cache]
+    train(config, workdir, progress=False)  # resume to step 6: the cache is reused
+    assert [p.stat().st_mtime_ns for p in cache] == stamps
+
+    _, _, state, _ = load_run(workdir)
+    params = jax.device_get(state.params)
+    pretrained = efficientnet_params(config.model.image)
+    np.testing.assert_array_equal(params["image_tower"]["blocks"][5]["depthwise_conv"]["kernel"],
+                                  pretrained["blocks"][5]["depthwise_conv"]["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(params["text_tower"]["layers"][2]["fc1"]["kernel"],
+                                  bert_params(config.model.text)["layers"][2]["fc1"]["kernel"])  # fmt: skip
+    assert int(state.step) == 6
+    assert np.abs(params["image_proj"]["fc2"]["kernel"]).max() > 0  # zero-initialised, so it trained
+
+    # Recall on the cached dev features during training = recall of the whole model, images and text end to end.
+    logged = [m for m in read_metrics(workdir) if "eval/t2i_r1" in m][-1]
+    end_to_end = evaluate(workdir)
+    for key in ("t2i_r1", "t2i_r5", "i2t_r1", "t2i_median_rank"):
+        assert logged[f"eval/{key}"] == pytest.approx(end_to_end[key])
+
+
+def test_lit_cached_features_refuse_trainable_towers(tsv_folder, tmp_path):
+    from jaxmr.config import OptimConfig
+    from jaxmr.trainer import train
+
+    config = lit_config(tsv_folder, optim=OptimConfig(freeze=("image_tower/.*",)))
+    with pytest.raises(ValueError, match=r"cached_features needs frozen towers.*text_tower/"):
+        train(config, tmp_path / "run", progress=False)
+
+
+def test_feature_batches_are_deterministic_and_cover_each_image_once_per_epoch():
+    from jaxmr.lit import FeatureBatches, Features
+
+    owners = np.repeat(np.arange(6), [5, 5, 1, 5, 5, 5]).astype(np.int32)
+    valid = np.array([True, True, True, True, False, True])
+    features = Features(np.arange(6)[:, None] * 1.0, valid, np.arange(len(owners))[:, None] * 1.0, owners)
+    batches = FeatureBatches(features, batch_size=6, captions_per_image=3, seed=0, sharding=None)
+    assert batches.stats["skipped_images"] == 1
+    epoch = [batches.batch_at(s) for s in range(2)]  # 5 usable images, 2 per batch: 2 batches per epoch
+    seen = np.concatenate([b["image"][::3, 0] for b in epoch]).astype(int)
+    assert len(set(seen)) == 4 and 4 not in seen  # no image twice, never the unreadable one
+    for b in epoch:
+        images = b["image"][:, 0].astype(int)
+        texts = b["text"][:, 0].astype(int)
+        assert (owners[texts] == images).all()  # each caption belongs to its row's image
+        for start in range(0, 6, 3):
+            group = texts[start : start + 3]
+            assert len(set(b["index"][start : start + 3])) == 1
+            assert len(set(group)) == 3 or images[start] == 2  # distinct unless the image has one caption
+    again = FeatureBatches(features, batch_size=6, captions_per_image=3, seed=0, sharding=None)
+    np.testing.assert_array_equal(again.batch_at(1)["text"], epoch[1]["text"])
