@@ -63,6 +63,19 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a {tokenizer.vocab_size}-token BPE vocabulary on {len(texts)} captions -> {args.out}")
 
 
+def _model_import(args: argparse.Namespace) -> None:
+    from jaxmr.convert import import_model
+
+    fingerprint = import_model(args.source, args.out, args.tokenizer)
+    print(f"wrote {args.out} (fingerprint {fingerprint}); index with: jaxmr index build --workdir {args.out} ...")
+
+
+def _model_export(args: argparse.Namespace) -> None:
+    from jaxmr.export import export_model
+
+    print(f"wrote {args.out} (fingerprint {export_model(args.workdir, args.out)})")
+
+
 def _model_info(args: argparse.Namespace) -> None:
     from jaxmr.models import PRESETS, parameter_counts
 
@@ -150,7 +163,8 @@ def _demo(args: argparse.Namespace) -> None:
     from jaxmr.demo import run_demo
 
     run_demo(Path(args.workdir), args.config, photos=Path(args.photos) if args.photos else None,
-             serve=not args.no_serve, host=args.host, port=args.port, progress=not args.no_progress)  # fmt: skip
+             serve=not args.no_serve, host=args.host, port=args.port, progress=not args.no_progress,
+             photo_model=Path(args.photo_model) if args.photo_model else None)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="runs/demo", help="where runs and artifacts go (reused when present)")
     demo.add_argument("--config", default=None, help="a config to train instead of configs/shapes_tiny.py")
     demo.add_argument("--photos", default=None, help="index and serve this folder of your own images instead")
+    demo.add_argument("--photo-model", default=None, help="the run or export that embeds --photos (default: "
+                      "runs/flickr8k_lit when trained, else the demo model)")  # fmt: skip
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on")
     demo.add_argument("--port", type=int, default=8000, help="port to serve on")
     demo.add_argument("--no-serve", action="store_true", help="stop after building the index")
@@ -227,10 +243,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 8000, or JAXMR_PORT)")
     serve.add_argument("--api-key", default=None, help="key for uploads and deletes (or JAXMR_API_KEY)")
 
-    model = commands.add_parser("model", help="inspect model presets")
+    model = commands.add_parser("model", help="inspect presets, import CLIP / SigLIP checkpoints, export runs")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     model_info = add("info", _model_info, "print parameter counts of model presets", model_commands)
     model_info.add_argument("presets", nargs="*", help="preset names (default: all)")
+    model_import = add("import", _model_import, "convert a CLIP or SigLIP checkpoint into a jaxmr model export",
+                       model_commands)  # fmt: skip
+    model_import.add_argument("source", help="a Hugging Face CLIPModel / SiglipModel folder, or an OpenAI/OpenCLIP "
+                              "state dict (.pt, .bin, .safetensors)")  # fmt: skip
+    model_import.add_argument("--out", required=True, help="export directory to write")
+    model_import.add_argument("--tokenizer", default=None, help="a Hugging Face CLIP tokenizer folder (needed for "
+                              "OpenAI/OpenCLIP state dicts)")  # fmt: skip
+    model_export = add("export", _model_export, "write a run's checkpoint as a model export", model_commands)
+    model_export.add_argument("--workdir", required=True, help="a training run directory")
+    model_export.add_argument("--out", required=True, help="export directory to write")
 
     tok = commands.add_parser("tokenizer", help="train a caption tokenizer")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")

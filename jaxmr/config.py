@@ -82,6 +82,9 @@ class TrainConfig:
     # captions of each image in a batch (batch_size / captions_per_image images), all of them positives.
     cached_features: bool = False
     captions_per_image: int = 1
+    # cached_features: image views cached per training image, the plain resize plus feature_views - 1 augmented
+    # ones (random resized crop with data.crop_scale, random flip); each step draws one view per image.
+    feature_views: int = 1
     # Start from a model export (`jaxmr model import` of a CLIP / SigLIP checkpoint, or `jaxmr export` of a run):
     # its parameters and tokenizer; the model config must describe the same model.
     init_from: str = ""
@@ -92,8 +95,10 @@ class TrainConfig:
         if self.captions_per_image < 1 or self.batch_size % self.captions_per_image:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of captions_per_image "
                              f"{self.captions_per_image}")  # fmt: skip
-        if self.captions_per_image > 1 and not self.cached_features:
-            raise ValueError("captions_per_image > 1 needs cached_features (the image pipeline reads one caption)")
+        if self.feature_views < 1:
+            raise ValueError(f"feature_views must be at least 1, got {self.feature_views}")
+        if (self.captions_per_image > 1 or self.feature_views > 1) and not self.cached_features:
+            raise ValueError("captions_per_image > 1 and feature_views > 1 need cached_features")
         if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
 

@@ -4,7 +4,8 @@
 
 Every stage reuses what a previous run left in the workdir (a finished training run, an index built by the
 same model), so a second `jaxmr demo` goes straight to serving. `--photos DIR` indexes a folder of your own
-images with the demo model instead and serves that.
+images instead and serves that: with the LiT photo model of configs/flickr8k_lit.py when it has been trained into
+runs/flickr8k_lit (or `--photo-model RUN_OR_EXPORT`), else with the shapes model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from jaxmr.trainer import evaluate, read_metrics, train
 from jaxmr.viz import caption_grid
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
+# The photo model `--photos` uses when it has been trained (configs/flickr8k_lit.py's documented workdir).
+PHOTO_RUN = Path("runs/flickr8k_lit")
 EXAMPLE_QUERIES = ("a large red circle and a small blue square", "there is a small white diamond",
                    "one small green star and one small green triangle")  # fmt: skip
 
@@ -35,6 +38,10 @@ def print_table(metrics: dict) -> None:
 
 
 def _model_fingerprint(run: Path) -> str:
+    if (Path(run) / "params.npz").exists():  # a model export
+        from jaxmr.export import read_export_meta
+
+        return read_export_meta(run)["fingerprint"]
     encoder = Encoder.from_run(run)
     return fingerprint(encoder.params, encoder.config)
 
@@ -69,6 +76,7 @@ def run_demo(
     host: str = "127.0.0.1",
     port: int = 8000,
     progress: bool = True,
+    photo_model: Path | None = None,
 ) -> Path:
     """Runs the stages and serves until Ctrl-C (or returns the index directory when `serve` is False)."""
     config = load_config_file(config_spec or str(CONFIG))
@@ -97,10 +105,17 @@ def run_demo(
         queries = EXAMPLE_QUERIES
     else:
         photos = Path(photos).resolve()
-        print(f"4/5 index your photos in {photos} with the demo model (trained on shapes, not photos):")
-        tag = hashlib.sha256(str(photos).encode()).hexdigest()[:8]
-        index = ensure_index(run, f"images:{photos}", "all", workdir / f"photos-{tag}", progress)
-        queries = ("something red", "a circle", "a green object")
+        model = photo_model or (PHOTO_RUN if (PHOTO_RUN / "checkpoints").is_dir() else None)
+        if model is not None:
+            print(f"4/5 index your photos in {photos} with the photo model {model}:")
+            queries = ("a dog running on the grass", "children playing on a beach", "a man riding a bike")
+        else:
+            model = run
+            print(f"4/5 index your photos in {photos} with the demo model (trained on shapes, not photos; train "
+                  f"configs/flickr8k_lit.py into {PHOTO_RUN} for a photo model):")  # fmt: skip
+            queries = ("something red", "a circle", "a green object")
+        tag = hashlib.sha256(f"{photos}|{Path(model).resolve()}".encode()).hexdigest()[:8]
+        index = ensure_index(model, f"images:{photos}", "all", workdir / f"photos-{tag}", progress)
     if not serve:
         return index
 

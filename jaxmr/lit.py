@@ -33,8 +33,9 @@ TOWERS = ("image_tower", "text_tower")
 
 @dataclasses.dataclass
 class Features:
-    """The towers' outputs for one split: image [N, Wi] float32, valid bool [N] (readable), text [C, Wt] float32,
-    owners int32 [C] (the image of each caption)."""
+    """The towers' outputs for one split: image [N, Wi] float32 (or [V, N, Wi]: V views, the plain resize first,
+    then augmented ones), valid bool [N] (readable), text [C, Wt] float32, owners int32 [C] (each caption's image).
+    """
 
     image: np.ndarray
     valid: np.ndarray
@@ -76,11 +77,38 @@ def tower_features(trainable, params: dict, source: Source, tokenizer: Tokenizer
     with jax.set_mesh(trainable.mesh):
         image, text, valid, _ = evaluator.embed(params, progress=progress)
     features = Features(image.astype(np.float32), valid, text.astype(np.float32), evaluator.owners)
+    _save(path, **dataclasses.asdict(features))
+    return features
+
+
+def augmented_views(trainable, params: dict, source: Source, tokenizer: Tokenizer, path: Path, views: int,
+                    crop_scale: tuple[float, float], seed: int, progress: bool = True) -> list[np.ndarray]:  # fmt: skip
+    """Image tower features of `views - 1` augmented views of every image (random resized crop + flip), each
+    cached at `path` with the view number in its name: [N, Wi] each."""
+    from jaxmr.trainer import Evaluator
+
+    evaluator = None
+    out = []
+    for view in range(1, views):
+        view_path = path.with_name(f"{path.stem}-view{view}.npz")
+        if not view_path.exists():
+            if evaluator is None:
+                evaluator = Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
+                                      image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
+            with jax.set_mesh(trainable.mesh):
+                image, _ = evaluator.embed_images(params, progress, view=view, crop_scale=crop_scale, seed=seed)
+            _save(view_path, image=image.astype(np.float32))
+        with np.load(view_path) as f:
+            out.append(f["image"])
+    return out
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    """Written under a temporary name and renamed: an interrupted run never leaves a truncated cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **dataclasses.asdict(features))
+    np.savez(partial, **arrays)
     partial.replace(path)
-    return features
 
 
 class FeatureBatches:
@@ -117,8 +145,14 @@ class FeatureBatches:
             texts.extend(rng.choice(captions, self.k, replace=len(captions) < self.k))
             ids.extend([slot] * self.k)
         f = self.features
+        rows = self.images[np.repeat(order, self.k)]
+        if f.image.ndim == 3:  # one view per image, drawn anew each step; all k copies of an image share it
+            views = np.repeat(rng.integers(0, f.image.shape[0], len(order)), self.k)
+            image = f.image[views, rows]
+        else:
+            image = f.image[rows]
         return {
-            "image": f.image[self.images[np.repeat(order, self.k)]],
+            "image": image,
             "text": f.text[np.asarray(texts)],
             "index": np.asarray(ids, np.int32),
         }
@@ -174,7 +208,13 @@ def cached_training(config: TrainConfig, trainable, params: dict, tokenizer: Tok
     for split in (data.train_split, data.eval_split):
         source = parse_source(data.source, split)
         name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{cache_key(config, data.source, split, tokenizer)}.npz"
-        cached[split] = tower_features(trainable, params, source, tokenizer, workdir / "features" / name, progress)
+        path = workdir / "features" / name
+        cached[split] = tower_features(trainable, params, source, tokenizer, path, progress)
+        if split == data.train_split and config.feature_views > 1:
+            crop = f"crop{data.crop_scale[0]:g}-{data.crop_scale[1]:g}-seed{config.seed}"
+            views = augmented_views(trainable, params, source, tokenizer, path.with_name(f"{path.stem}-{crop}.npz"),
+                                    config.feature_views, data.crop_scale, config.seed, progress)  # fmt: skip
+            cached[split].image = np.stack([cached[split].image, *views])
     batches = FeatureBatches(cached[data.train_split], config.batch_size, config.captions_per_image, config.seed,
                              trainable.batch_sharding)  # fmt: skip
     return batches, FeatureEvaluator(cached[data.eval_split], trainable)

@@ -380,15 +380,19 @@ class Evaluator:
         if not self.texts:
             raise DataError(f"{source.name}: evaluation needs captions")
 
-    def embed(self, params: dict, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, EvalStats]:
-        """(zimg [N, E], ztxt [C, E], valid bool [N], stats)."""
+    def embed_images(
+        self, params: dict, progress: bool = False, stats: EvalStats | None = None, view: int = 0,
+        crop_scale: tuple[float, float] = (1.0, 1.0), seed: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(zimg [N, E], valid bool [N]) for every image, plain (view 0) or an augmented view."""
         from tqdm import tqdm
 
-        stats = EvalStats()
         chunks, valid = [], np.zeros(len(self.source), bool)
-        images = eval_image_batches(self.source, self.image_size, self.batch_size, stats=stats)
+        images = eval_image_batches(self.source, self.image_size, self.batch_size, stats=stats, view=view,
+                                    crop_scale=crop_scale, seed=seed)  # fmt: skip
         total = -(-len(self.source) // self.batch_size)
-        for batch in tqdm(images, total=total, desc="images", unit="batch", disable=not progress, leave=False):
+        label = "images" if view == 0 else f"image view {view}"
+        for batch in tqdm(images, total=total, desc=label, unit="batch", disable=not progress, leave=False):
             z = np.asarray(self.encode_image(params, jax.device_put(batch["image"], self.sharding)))
             chunks.append((batch["index"][batch["mask"]], z[batch["mask"]]))
             valid[batch["index"][batch["mask"]]] = True
@@ -396,6 +400,14 @@ class Evaluator:
         zimg = np.zeros((len(self.source), dim), np.float32)
         for index, z in chunks:
             zimg[index] = z
+        return zimg, valid
+
+    def embed(self, params: dict, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, EvalStats]:
+        """(zimg [N, E], ztxt [C, E], valid bool [N], stats)."""
+        from tqdm import tqdm
+
+        stats = EvalStats()
+        zimg, valid = self.embed_images(params, progress=progress, stats=stats)
         # Captions shortest first, each batch cut to its longest caption (rounded up to 16 tokens) where the text
         # tower ignores padding: the features are the same and short captions cost less.
         order = np.argsort([len(t) for t in self.texts], kind="stable")

@@ -122,6 +122,20 @@ def test_efficientnet_sees_a_cat_and_a_coffee(efficientnet):
     assert int(logits[1].argmax()) == 967  # espresso
 
 
+def test_efficientnet_multi_features_extend_the_head_features(efficientnet):
+    import dataclasses
+
+    multi = EfficientNetLite(dataclasses.replace(efficientnet.config, features="multi"), rngs=nnx.Rngs(1))
+    nnx.update(multi, nnx.state(efficientnet))
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    head = np.asarray(efficientnet(preprocess(images)))
+    both = np.asarray(multi(preprocess(images)))
+    assert both.shape == (2, multi.config.width) == (2, 1280 + 112 + 192 + 320)
+    np.testing.assert_allclose(both[:, :1280], head, atol=1e-6)
+    with pytest.raises(ValueError, match="ImageNet logits need"):
+        multi.logits(preprocess(images))
+
+
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 
@@ -260,3 +274,30 @@ def test_feature_batches_are_deterministic_and_cover_each_image_once_per_epoch()
             assert len(set(group)) == 3 or images[start] == 2  # distinct unless the image has one caption
     again = FeatureBatches(features, batch_size=6, captions_per_image=3, seed=0, sharding=None)
     np.testing.assert_array_equal(again.batch_at(1)["text"], epoch[1]["text"])
+
+
+def test_feature_batches_draw_one_view_per_image_and_augmented_views_are_deterministic(tsv_folder):
+    from jaxmr.data import parse_source
+    from jaxmr.data.pipeline import eval_image_batches
+    from jaxmr.lit import FeatureBatches, Features
+
+    owners = np.repeat(np.arange(4), 3).astype(np.int32)
+    views = np.stack([np.arange(4)[:, None] + 100.0 * v for v in range(3)])  # view v of image i = 100 v + i
+    features = Features(views, np.ones(4, bool), np.arange(12)[:, None] * 1.0, owners)
+    batches = FeatureBatches(features, batch_size=4, captions_per_image=2, seed=0, sharding=None)
+    drawn = set()
+    for step in range(30):
+        batch = batches.batch_at(step)
+        image = batch["image"][:, 0]
+        np.testing.assert_array_equal(image % 100, owners[batch["text"][:, 0].astype(int)])
+        assert (image[0::2] == image[1::2]).all()  # both captions of an image see the same view
+        drawn |= set((image // 100).astype(int))
+    assert drawn == {0, 1, 2}
+
+    source = parse_source(f"captions:{tsv_folder}", "train")
+    first, again, plain = (
+        next(eval_image_batches(source, 32, 8, view=v, crop_scale=(0.3, 0.6), seed=s))["image"]
+        for v, s in ((1, 0), (1, 0), (0, 0))
+    )
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, plain)

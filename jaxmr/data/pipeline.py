@@ -302,15 +302,27 @@ def train_iterator(
 
 
 class EvalImage(grain.transforms.Map):
-    """Record index -> {image, valid}; an unreadable image gives zeros and valid=False (warned)."""
+    """Record index -> {image, valid}; an unreadable image gives zeros and valid=False (warned).
 
-    def __init__(self, source: Source, image_size: int, strict: bool = False):
+    `view` > 0 gives an augmented view instead of the plain resize: a random resized crop (area in `crop_scale`)
+    flipped left-right half the time, the same for the same (seed, view, index) — cached LiT features use them."""
+
+    def __init__(self, source: Source, image_size: int, strict: bool = False, view: int = 0,
+                 crop_scale: tuple[float, float] = (1.0, 1.0), seed: int = 0):  # fmt: skip
         self.source, self.image_size, self.strict = source, image_size, strict
+        self.view, self.crop_scale, self.seed = view, crop_scale, seed
+
+    def _decode(self, image: Any, index: int) -> np.ndarray:
+        if self.view == 0:
+            return decode(image, self.image_size)
+        rng = np.random.default_rng([self.seed, self.view, index])
+        pixels = decode(image, self.image_size, self.crop_scale, rng)
+        return pixels[:, ::-1] if rng.random() < 0.5 else pixels
 
     def map(self, index: int) -> dict[str, Any]:
         record = self.source[index]
         try:
-            image, valid = decode(record["image"], self.image_size), True
+            image, valid = self._decode(record["image"], index), True
         except ImageReadError as e:
             if self.strict:
                 raise
@@ -355,10 +367,15 @@ def eval_image_batches(
     num_workers: int = 0,
     strict: bool = False,
     stats: EvalStats | None = None,
+    view: int = 0,
+    crop_scale: tuple[float, float] = (1.0, 1.0),
+    seed: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every image once, in source order: image uint8 [B, S, S, 3], index int32 [B], mask bool [B]
-    (False on padding rows and on unreadable images, whose indices go to `stats.unreadable_images`)."""
-    dataset = grain.MapDataset.range(len(source)).map(EvalImage(source, image_size, strict)).to_iter_dataset()
+    (False on padding rows and on unreadable images, whose indices go to `stats.unreadable_images`).
+    `view` > 0: augmented views (see `EvalImage`)."""
+    transform = EvalImage(source, image_size, strict, view, crop_scale, seed)
+    dataset = grain.MapDataset.range(len(source)).map(transform).to_iter_dataset()
     dataset = _in_workers(dataset, num_workers)
     for batch in _pad_batches(iter(dataset), batch_size):
         valid = batch.pop("valid") & batch["mask"]

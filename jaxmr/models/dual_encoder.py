@@ -32,6 +32,7 @@ class ModelConfig:
     head: str = "linear"
     head_hidden: int = 1024
     head_dropout: float = 0.0
+    head_input_dropout: float = 0.0  # dropout on the tower features entering either head kind (training only)
     proj_bias: bool = False  # a bias on the linear heads (SigLIP's text head has one)
     dtype: str = "float32"  # compute dtype ("bfloat16" keeps float32 parameters and a float32 loss)
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
@@ -49,8 +50,9 @@ class ModelConfig:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
         if self.head not in ("linear", "mlp"):
             raise ValueError(f"head must be linear or mlp, got {self.head!r}")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        for name in ("head_dropout", "head_input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 class ProjectionHead(nnx.Module):
@@ -67,10 +69,17 @@ class ProjectionHead(nnx.Module):
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         h = jax.nn.gelu(self.fc1(self.norm(x)))
-        if key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0).astype(h.dtype)
+        if key is not None:
+            h = dropout(h, self.dropout, key)
         return self.linear(x) + self.fc2(h)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: each entry zeroed with probability `rate`, the rest scaled by 1 / (1 - rate)."""
+    if rate <= 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 def make_image_tower(config: ViTConfig | ConvConfig | EfficientNetConfig, *, remat: bool, rngs: nnx.Rngs, dtype=None):
@@ -123,11 +132,20 @@ class DualEncoder(nnx.Module):
 
     def project_image(self, features: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Image tower features [B, width] -> unnormalised float32 [B, embed_dim] (`key` enables head dropout)."""
-        return _project(self.image_proj, features, key)
+        return self._project(self.image_proj, features, key)
 
     def project_text(self, features: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Text tower features [B, width] -> unnormalised float32 [B, embed_dim]."""
-        return _project(self.text_proj, features, key)
+        return self._project(self.text_proj, features, key)
+
+    def _project(self, head: nnx.Module, features: jax.Array, key: jax.Array | None) -> jax.Array:
+        if key is None:
+            out = head(features)
+        else:
+            k_in, k_head = jax.random.split(key)
+            features = dropout(features, self.config.head_input_dropout, k_in)
+            out = head(features, k_head) if isinstance(head, ProjectionHead) else head(features)
+        return out.astype(jnp.float32)
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """uint8 [B, H, W, 3] -> projected, unnormalised float32 [B, embed_dim]."""
@@ -159,11 +177,6 @@ class DualEncoder(nnx.Module):
             "txt/norm": jnp.linalg.norm(txt, axis=-1).mean(),
         }
         return l2_normalize(img), l2_normalize(txt), extras
-
-
-def _project(head: nnx.Module, features: jax.Array, key: jax.Array | None) -> jax.Array:
-    out = head(features, key) if isinstance(head, ProjectionHead) else head(features)
-    return out.astype(jnp.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

