@@ -28,8 +28,9 @@ def get_config(arg: str | None = None) -> TrainConfig:
         # 30,000 training images: at 10,000 the model starts to memorise (val t2i R@1 0.543 after 1,500 steps,
         # 0.587 with 30,000 after 1,450); 100,000 is no better (0.581). read_threads=0: reading a cached render
         # is cheap, and grain's reader threads cost 3x the CPU of reading inline (124 vs 41 ms per batch),
-        # CPU the train step needs on 2 cores (0.323 s/step against 0.416). Sensitive: 1,700 steps gave val 0.559,
-        # a 3-layer text tower 0.508 and lr 1.5e-3 0.527: differences of a few points between variants are noise.
+        # CPU the train step needs on 2 cores (0.323 s/step against 0.416). Sensitive: 1,650 steps gave val
+        # 0.538 and 1,700 0.559, a 3-layer text tower 0.508, lr 1.5e-3 0.527, an initial logit scale of 20
+        # 0.521: differences of a few points between variants are noise.
         data=DataConfig(
             source="shapes:n=30000,size=48,seed=0",
             image_size=48,

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"
 
 
-def test_demo_builds_everything_then_reuses_it(tmp_path, capsys):
+def test_demo_builds_everything_then_reuses_it(tmp_path, capsys, monkeypatch):
     args = ["demo", "--workdir", str(tmp_path), "--config", SMOKE, "--no-serve", "--no-progress"]
     assert cli(args) == 0
     out = capsys.readouterr().out
@@ -36,11 +36,16 @@ def test_demo_builds_everything_then_reuses_it(tmp_path, capsys):
     for i in range(5):
         write_image(photos / f"p{i}.jpg", 40 * i)
     (photos / "notes.txt").write_text("not an image")
+    monkeypatch.setattr("jaxmr.demo.PHOTO_RUN", tmp_path / "no-photo-model-here")  # not a user's runs/flickr8k_lit
     assert cli([*args, "--photos", str(photos)]) == 0
     out = capsys.readouterr().out
-    assert "indexed 5 images" in out
+    assert "indexed 5 images" in out and "with the demo model" in out
     (index,) = tmp_path.glob("photos-*")
     assert Searcher(index).manifest["captions"] is None
+    # --photo-model picks the model (any run or export); naming the demo's own run reuses the index it built
+    assert cli([*args, "--photos", str(photos), "--photo-model", str(tmp_path / "shapes_tiny")]) == 0
+    out = capsys.readouterr().out
+    assert f"with the photo model {tmp_path / 'shapes_tiny'}" in out and f"reusing the index in {index}" in out
 
 
 def test_demo_serves_until_ctrl_c(tmp_path):
