@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,62 +28,13 @@ import numpy as np
 
 from jaxmr.config import DataConfig, LossConfig, TrainConfig
 from jaxmr.models import ModelConfig, TextConfig, ViTConfig
+from jaxmr.models.pretrained import ConversionError, TorchState
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ConversionError(ValueError):
-    """A checkpoint this converter does not understand."""
-
-
-class _Tree:
-    """Builds the nested params dict and checks that every source tensor is used exactly once."""
-
-    def __init__(self, state: dict[str, np.ndarray]):
-        self.state = {k: np.asarray(v, np.float32) for k, v in state.items()}
-        self.used: set[str] = set()
-        self.params: dict = {}
-
-    def take(self, key: str) -> np.ndarray:
-        if key not in self.state:
-            raise ConversionError(f"the checkpoint has no tensor {key!r}")
-        self.used.add(key)
-        return self.state[key]
-
-    def put(self, path: str, value: np.ndarray) -> None:
-        node = self.params
-        *parents, leaf = [int(p) if p.isdigit() else p for p in path.split("/")]
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = np.array(value, np.float32)  # a copy; keeps 0-d scalars 0-d (unlike ascontiguousarray)
-
-    def linear(self, path: str, key: str, bias: bool = True) -> None:
-        self.put(f"{path}/kernel", self.take(f"{key}.weight").T)
-        if bias:
-            self.put(f"{path}/bias", self.take(f"{key}.bias"))
-
-    def norm(self, path: str, key: str) -> None:
-        self.put(f"{path}/scale", self.take(f"{key}.weight"))
-        self.put(f"{path}/bias", self.take(f"{key}.bias"))
-
-    def attention(self, path: str, q: tuple, k: tuple, v: tuple, out: str, heads: int) -> None:
-        """q, k, v: (weight [D, D], bias [D]) in torch layout; out: the output projection's key prefix."""
-        width = q[0].shape[1]
-        head_dim = width // heads
-        for name, (w, b) in (("query", q), ("key", k), ("value", v)):
-            self.put(f"{path}/{name}/kernel", w.T.reshape(width, heads, head_dim))
-            self.put(f"{path}/{name}/bias", b.reshape(heads, head_dim))
-        self.put(f"{path}/out/kernel", self.take(f"{out}.weight").T.reshape(heads, head_dim, -1))
-        self.put(f"{path}/out/bias", self.take(f"{out}.bias"))
-
-    def check_all_used(self, ignore: str = r"$^") -> None:
-        unused = sorted(k for k in self.state if k not in self.used and not re.fullmatch(ignore, k))
-        if unused:
-            raise ConversionError(f"{len(unused)} checkpoint tensors have no place in the model: {unused[:5]}")
-
-
-def _hf_blocks(t: _Tree, path: str, prefix: str, depth: int, heads: int) -> None:
+def _hf_blocks(t: TorchState, path: str, prefix: str, depth: int, heads: int) -> None:
     for i in range(depth):
         src, dst = f"{prefix}.layers.{i}", f"{path}/blocks/{i}"
         t.norm(f"{dst}/ln1", f"{src}.layer_norm1")
@@ -95,12 +45,12 @@ def _hf_blocks(t: _Tree, path: str, prefix: str, depth: int, heads: int) -> None
         t.linear(f"{dst}/mlp/fc2", f"{src}.mlp.fc2")
 
 
-def _split_in_proj(t: _Tree, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def _split_in_proj(t: TorchState, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
     weight, bias = t.take(f"{key}.in_proj_weight"), t.take(f"{key}.in_proj_bias")
     return list(zip(np.split(weight, 3), np.split(bias, 3), strict=True))
 
 
-def _logit_scale(t: _Tree, key: str) -> None:
+def _logit_scale(t: TorchState, key: str) -> None:
     t.put("log_t", t.take(key).reshape(()))
 
 
@@ -118,7 +68,7 @@ def clip_from_hf(state: dict[str, np.ndarray], hf_config: dict[str, Any]) -> tup
         text_mlp=x["intermediate_size"], text_act=x.get("hidden_act", "quick_gelu"),
         embed_dim=hf_config.get("projection_dim", 512),
     )  # fmt: skip
-    t = _Tree(state)
+    t = TorchState(state)
     vis, txt = "vision_model", "text_model"
     t.put("image_tower/patchify/kernel", t.take(f"{vis}.embeddings.patch_embedding.weight").transpose(2, 3, 1, 0))
     t.put("image_tower/cls_token", t.take(f"{vis}.embeddings.class_embedding")[None, None])
@@ -126,12 +76,12 @@ def clip_from_hf(state: dict[str, np.ndarray], hf_config: dict[str, Any]) -> tup
     t.norm("image_tower/ln_pre", f"{vis}.pre_layrnorm")
     _hf_blocks(t, "image_tower/encoder", f"{vis}.encoder", model.image.depth, model.image.heads)
     t.norm("image_tower/ln_post", f"{vis}.post_layernorm")
-    t.put("image_proj/kernel", t.take("visual_projection.weight").T)
+    t.linear("image_proj", "visual_projection", bias=False)
     t.put("text_tower/token_embed/embedding", t.take(f"{txt}.embeddings.token_embedding.weight"))
     t.put("text_tower/pos_embed", t.take(f"{txt}.embeddings.position_embedding.weight")[None])
     _hf_blocks(t, "text_tower/encoder", f"{txt}.encoder", model.text.depth, model.text.heads)
     t.norm("text_tower/ln_final", f"{txt}.final_layer_norm")
-    t.put("text_proj/kernel", t.take("text_projection.weight").T)
+    t.linear("text_proj", "text_projection", bias=False)
     _logit_scale(t, "logit_scale")
     t.check_all_used(ignore=r".*position_ids")
     return model, _with_bias(t.params)
@@ -155,7 +105,7 @@ def clip_from_openai(state: dict[str, np.ndarray]) -> tuple[ModelConfig, dict]:
         text_mlp=np.shape(state["transformer.resblocks.0.mlp.c_fc.weight"])[0], text_act="quick_gelu",
         embed_dim=np.shape(state["text_projection"])[1],
     )  # fmt: skip
-    t = _Tree(state)
+    t = TorchState(state)
     t.put("image_tower/patchify/kernel", t.take("visual.conv1.weight").transpose(2, 3, 1, 0))
     t.put("image_tower/cls_token", t.take("visual.class_embedding")[None, None])
     t.put("image_tower/pos_embed", t.take("visual.positional_embedding")[None])
@@ -173,7 +123,7 @@ def clip_from_openai(state: dict[str, np.ndarray]) -> tuple[ModelConfig, dict]:
     return model, _with_bias(t.params)
 
 
-def _openai_blocks(t: _Tree, path: str, prefix: str, depth: int, heads: int) -> None:
+def _openai_blocks(t: TorchState, path: str, prefix: str, depth: int, heads: int) -> None:
     for i in range(depth):
         src, dst = f"{prefix}.resblocks.{i}", f"{path}/blocks/{i}"
         t.norm(f"{dst}/ln1", f"{src}.ln_1")
@@ -220,7 +170,7 @@ def siglip_from_hf(state: dict[str, np.ndarray], hf_config: dict[str, Any]) -> t
         embed_dim=embed_dim, proj_bias=True, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5),
         init_logit_scale=10.0, init_logit_bias=-10.0,
     )  # fmt: skip
-    t = _Tree(state)
+    t = TorchState(state)
     vis, txt = "vision_model", "text_model"
     t.put("image_tower/patchify/kernel", t.take(f"{vis}.embeddings.patch_embedding.weight").transpose(2, 3, 1, 0))
     t.put("image_tower/patchify/bias", t.take(f"{vis}.embeddings.patch_embedding.bias"))

@@ -41,15 +41,15 @@ class ModelMismatchError(ValueError):
     """An index and a model that do not belong together."""
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict -> {"a/b/c": array}."""
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}; leaves stay as they are (arrays, or ShapeDtypeStructs of an abstract model)."""
     flat = {}
     for key, value in params.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, path + "/"))
         else:
-            flat[path] = np.asarray(value)
+            flat[path] = value
     return flat
 
 

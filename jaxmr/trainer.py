@@ -295,13 +295,14 @@ def _like_params(opt_shapes, params, params_sharding, replicated):
 def init_state(trainable: Trainable) -> TrainState:
     """A fresh state: random initialisation, then the pretrained towers the model config names (loaded on the
     host, checked strictly against the model, and placed with the parameters' shardings)."""
-    from jaxmr.models.pretrained import load_pretrained_towers
+    from jaxmr.models.pretrained import has_pretrained_towers, load_pretrained_towers, merge_strict
 
     state = trainable.init()
     config = trainable.config
+    if not config.init_from and not has_pretrained_towers(config.model):
+        return state  # nothing to load: the parameters stay where init placed them
     if config.init_from:
         from jaxmr.export import read_export_meta, unflatten
-        from jaxmr.models.pretrained import merge_strict
 
         meta = read_export_meta(config.init_from)
         if from_dict(meta["config"]).model != config.model:
@@ -311,10 +312,8 @@ def init_state(trainable: Trainable) -> TrainState:
         loaded = [f"every parameter (from {config.init_from})"]
     else:
         params, loaded = load_pretrained_towers(config.model, jax.device_get(state.params))
-    if loaded:
-        log.info("loaded pretrained weights into %s", ", ".join(loaded))
-        state = state.replace(params=jax.device_put(params, trainable.state_shardings.params))
-    return state
+    log.info("loaded pretrained weights into %s", ", ".join(loaded))
+    return state.replace(params=jax.device_put(params, trainable.state_shardings.params))
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

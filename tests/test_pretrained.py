@@ -232,8 +232,8 @@ def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_fold
     pretrained = efficientnet_params(config.model.image)
     np.testing.assert_array_equal(params["image_tower"]["blocks"][5]["depthwise_conv"]["kernel"],
                                   pretrained["blocks"][5]["depthwise_conv"]["kernel"])  # fmt: skip
-    np.testing.assert_array_equal(params["text_tower"]["layers"][2]["fc1"]["kernel"],
-                                  bert_params(config.model.text)["layers"][2]["fc1"]["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(params["text_tower"]["layers"][2]["mlp"]["fc1"]["kernel"],
+                                  bert_params(config.model.text)["layers"][2]["mlp"]["fc1"]["kernel"])  # fmt: skip
     assert int(state.step) == 6
     assert np.abs(params["image_proj"]["fc2"]["kernel"]).max() > 0  # zero-initialised, so it trained
 

@@ -9,14 +9,13 @@ the real tokens — the sentence embedding before sentence-transformers' final L
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmr.models.layers import attention, dense, partitioned
+from jaxmr.models.layers import Mlp, attention, layer_norm, partitioned
 from jaxmr.sharding import constrain
 
 
@@ -47,28 +46,18 @@ class BertConfig:
         return True  # padding is masked out of attention and of the mean
 
 
-def _ln(width: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        width, epsilon=eps, dtype=dtype, rngs=rngs,
-        scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
-    )  # fmt: skip
-
-
 class BertLayer(nnx.Module):
     """x [B, L, D], mask bool [B, 1, 1, L] -> [B, L, D]."""
 
     def __init__(self, c: BertConfig, *, rngs: nnx.Rngs, dtype=None):
         self.attn = attention(c.width, c.heads, rngs=rngs, dtype=dtype)
-        self.attn_ln = _ln(c.width, c.eps, rngs=rngs, dtype=dtype)
-        self.fc1 = dense(c.width, c.mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = dense(c.mlp_dim, c.width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
-        self.mlp_ln = _ln(c.width, c.eps, rngs=rngs, dtype=dtype)
+        self.attn_ln = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.eps)
+        self.mlp = Mlp(c.width, c.mlp_dim, activation="gelu_exact", dropout=0.0, rngs=rngs, dtype=dtype)
+        self.mlp_ln = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.eps)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         x = self.attn_ln(x + self.attn(x, mask=mask, deterministic=True))
-        h = constrain(jax.nn.gelu(self.fc1(x), approximate=False), ("batch", "length", "mlp"))
-        return constrain(self.mlp_ln(x + self.fc2(h)), ("batch", "length", "embed"))
+        return constrain(self.mlp_ln(x + self.mlp(x)), ("batch", "length", "embed"))
 
 
 class Bert(nnx.Module):
@@ -81,7 +70,7 @@ class Bert(nnx.Module):
                                      embedding_init=partitioned(init, ("vocab", "embed")))  # fmt: skip
         self.pos_embed = nnx.Param(partitioned(init, ("length", "embed"))(rngs.params(), (c.max_len, c.width)))
         self.type_embed = nnx.Param(partitioned(init, ("embed",))(rngs.params(), (c.width,)))  # token type 0
-        self.embed_ln = _ln(c.width, c.eps, rngs=rngs, dtype=dtype)
+        self.embed_ln = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.eps)
         self.layers = nnx.List([BertLayer(c, rngs=rngs, dtype=dtype) for _ in range(c.depth)])
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -101,63 +90,30 @@ class Bert(nnx.Module):
 
 # ------------------------------------------------------------------------------------------------- weights
 
-_LAYER_PARTS = {
-    "attention.self.query": ("attn", "query"), "attention.self.key": ("attn", "key"),
-    "attention.self.value": ("attn", "value"), "attention.output.dense": ("attn", "out"),
-    "attention.output.LayerNorm": ("attn_ln",), "intermediate.dense": ("fc1",), "output.dense": ("fc2",),
-    "output.LayerNorm": ("mlp_ln",),
-}  # fmt: skip
-_IGNORED = re.compile(r"(bert\.)?(embeddings\.position_ids|pooler\..*)")
-
 
 def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
     """A Hugging Face `BertModel` state dict -> our nested params. Strict: every tensor but the position-id buffer
-    and the unused pooler is consumed, and an unknown key is an error."""
+    and the unused pooler is consumed (`ConversionError` names the rest), and a missing one is an error."""
+    from jaxmr.models.pretrained import TorchState
+
     c = config
-    head_dim = c.width // c.heads
-    out: dict = {}
-
-    def put(path: tuple, value: np.ndarray) -> None:
-        node = out
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = np.asarray(value, np.float32)
-
-    for key, value in state.items():
-        name = key.removeprefix("bert.")
-        if _IGNORED.fullmatch(key):
-            continue
-        if name == "embeddings.word_embeddings.weight":
-            put(("token_embed", "embedding"), value)
-        elif name == "embeddings.position_embeddings.weight":
-            put(("pos_embed",), value[: c.max_len])
-        elif name == "embeddings.token_type_embeddings.weight":
-            put(("type_embed",), value[0])
-        elif name.startswith("embeddings.LayerNorm."):
-            put(("embed_ln", {"weight": "scale", "bias": "bias"}[name.rsplit(".", 1)[1]]), value)
-        elif m := re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name):
-            index, part, field = int(m.group(1)), m.group(2), m.group(3)
-            if part not in _LAYER_PARTS or index >= c.depth:
-                raise KeyError(f"unexpected tensor {key!r} in a BERT checkpoint")
-            path = ("layers", index, *_LAYER_PARTS[part])
-            if part.endswith("LayerNorm"):
-                put((*path, "scale" if field == "weight" else "bias"), value)
-            elif path[-2:-1] == ("attn",) and path[-1] in ("query", "key", "value"):
-                # torch Linear [out, in] -> DenseGeneral [in, heads, head_dim]; bias [heads, head_dim]
-                if field == "weight":
-                    put((*path, "kernel"), value.T.reshape(c.width, c.heads, head_dim))
-                else:
-                    put((*path, "bias"), value.reshape(c.heads, head_dim))
-            elif path[-1] == "out":
-                if field == "weight":
-                    put((*path, "kernel"), value.T.reshape(c.heads, head_dim, c.width))
-                else:
-                    put((*path, "bias"), value)
-            else:
-                put((*path, "kernel" if field == "weight" else "bias"), value.T if field == "weight" else value)
-        else:
-            raise KeyError(f"unexpected tensor {key!r} in a BERT checkpoint")
-    return out
+    t = TorchState(state)
+    p = "bert." if any(k.startswith("bert.") for k in state) else ""
+    t.put("token_embed/embedding", t.take(f"{p}embeddings.word_embeddings.weight"))
+    t.put("pos_embed", t.take(f"{p}embeddings.position_embeddings.weight")[: c.max_len])
+    t.put("type_embed", t.take(f"{p}embeddings.token_type_embeddings.weight")[0])
+    t.norm("embed_ln", f"{p}embeddings.LayerNorm")
+    for i in range(c.depth):
+        src, dst = f"{p}encoder.layer.{i}", f"layers/{i}"
+        qkv = [(t.take(f"{src}.attention.self.{n}.weight"), t.take(f"{src}.attention.self.{n}.bias"))
+               for n in ("query", "key", "value")]  # fmt: skip
+        t.attention(f"{dst}/attn", *qkv, out=f"{src}.attention.output.dense", heads=c.heads)
+        t.norm(f"{dst}/attn_ln", f"{src}.attention.output.LayerNorm")
+        t.linear(f"{dst}/mlp/fc1", f"{src}.intermediate.dense")
+        t.linear(f"{dst}/mlp/fc2", f"{src}.output.dense")
+        t.norm(f"{dst}/mlp_ln", f"{src}.output.LayerNorm")
+    t.check_all_used(ignore=r"(bert\.)?(embeddings\.position_ids|pooler\..*)")
+    return t.params
 
 
 def pretrained_params(config: BertConfig) -> dict:

@@ -189,7 +189,9 @@ def convert_torch_state(state: dict[str, np.ndarray], classifier: bool) -> dict:
 
     Strict: every tensor is used (BatchNorm's `num_batches_tracked` counters are known and dropped) and a key
     this layout does not have is an error. Conv kernels go from [out, in, k, k] to [k, k, in, out]."""
-    out: dict = {}
+    from jaxmr.export import unflatten
+
+    flat: dict[str, np.ndarray] = {}
     for key, value in state.items():
         value = np.asarray(value)
         if key.endswith("num_batches_tracked"):
@@ -217,11 +219,8 @@ def convert_torch_state(state: dict[str, np.ndarray], classifier: bool) -> dict:
             value = value.T if field == "weight" else value
         else:
             path.append(_BN_FIELDS[field])
-        node = out
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value.astype(np.float32)
-    return out
+        flat["/".join(map(str, path))] = value.astype(np.float32)
+    return unflatten(flat)
 
 
 def pretrained_params(config: EfficientNetConfig) -> dict:
