@@ -66,14 +66,11 @@ def cache_key(config: TrainConfig, spec: str, split: str, tokenizer: Tokenizer) 
 def tower_features(trainable, params: dict, source: Source, tokenizer: Tokenizer, path: Path,
                    progress: bool = True) -> Features:  # fmt: skip
     """The towers' features for every image and caption of `source`, computed once and kept at `path`."""
-    from jaxmr.trainer import Evaluator
-
     if path.exists():
         with np.load(path) as f:
             return Features(f["image"], f["valid"], f["text"], f["owners"])
     log.info("computing tower features for %s (once; cached in %s)", source.name, path)
-    evaluator = Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
-                          image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
+    evaluator = _tower_evaluator(trainable, source, tokenizer)
     with jax.set_mesh(trainable.mesh):
         image, text, valid, _ = evaluator.embed(params, progress=progress)
     features = Features(image.astype(np.float32), valid, text.astype(np.float32), evaluator.owners)
@@ -85,22 +82,26 @@ def augmented_views(trainable, params: dict, source: Source, tokenizer: Tokenize
                     crop_scale: tuple[float, float], seed: int, progress: bool = True) -> list[np.ndarray]:  # fmt: skip
     """Image tower features of `views - 1` augmented views of every image (random resized crop + flip), each
     cached at `path` with the view number in its name: [N, Wi] each."""
-    from jaxmr.trainer import Evaluator
-
     evaluator = None
     out = []
     for view in range(1, views):
         view_path = path.with_name(f"{path.stem}-view{view}.npz")
         if not view_path.exists():
-            if evaluator is None:
-                evaluator = Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
-                                      image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
+            evaluator = evaluator or _tower_evaluator(trainable, source, tokenizer)
             with jax.set_mesh(trainable.mesh):
                 image, _ = evaluator.embed_images(params, progress, view=view, crop_scale=crop_scale, seed=seed)
             _save(view_path, image=image.astype(np.float32))
         with np.load(view_path) as f:
             out.append(f["image"])
     return out
+
+
+def _tower_evaluator(trainable, source: Source, tokenizer: Tokenizer):
+    """An Evaluator whose embeddings are the towers' raw features (what LiT caches)."""
+    from jaxmr.trainer import Evaluator
+
+    return Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
+                     image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
