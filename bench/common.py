@@ -65,12 +65,16 @@ def write_results(
     title: str,
     notes: str = "",
     out: str | os.PathLike | None = None,
+    extra: dict | None = None,
 ) -> Path:
-    """Writes `<name>-<machine>.json` and `.md` under bench/results (or `out`) and refreshes the index README."""
+    """Writes `<name>-<machine>.json` and `.md` under bench/results (or `out`) and refreshes the index README;
+    `extra` adds keys to the JSON beside the records."""
     info = machine()
     path = Path(out) if out else RESULTS / f"{name}-{info['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": name, "machine": info, "records": records}, indent=2) + "\n")
+    path.write_text(
+        json.dumps({"benchmark": name, "machine": info, "records": records, **(extra or {})}, indent=2) + "\n"
+    )
     table = markdown_table(records, columns)
     md = f"## {title}\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['accelerator']}; {info['date']}.\n\n"
     md += table + "\n" + (f"\n{notes}\n" if notes else "")

@@ -163,6 +163,60 @@ def exact_search(
     return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
+class JaxExactSearch:
+    """Exact maximum inner product search as one jitted XLA program, with the database resident on the device.
+
+    database [N, E] is kept in `dtype` (bfloat16 halves the bytes a query reads: on a GPU the search is
+    memory-bound). A batch of Q queries is scored in chunks of about `max_scores` / Q rows (`lax.scan`, scores
+    accumulated in float32) keeping a running top-k, so 1,024 queries against 1M rows never hold the whole
+    [Q, N] score matrix while a single query reads the database in one pass. `__call__(queries [Q, E], k)` ->
+    (rows int64 [Q, k'], scores float32 [Q, k']), k' = min(k, N), best first. Each (Q, k) compiles once.
+    """
+
+    def __init__(self, database: np.ndarray, dtype: str = "float32", max_scores: int = 1 << 25, device=None):
+        import jax
+        import jax.numpy as jnp
+
+        self.n, self.dtype, self.max_scores = len(database), jnp.dtype(dtype), max_scores
+        self.database = jax.device_put(jnp.asarray(np.asarray(database, np.float32), self.dtype), device)
+        self.nbytes = self.database.nbytes
+        self._search = jax.jit(self._search_impl, static_argnames="k")
+
+    def _search_impl(self, database, queries, k: int):
+        import jax
+        import jax.numpy as jnp
+
+        q = queries.astype(self.dtype)
+
+        def top(rows_block, start):  # [Q, k] best of one block of rows, with global row numbers
+            scores = jnp.einsum("qe,ne->qn", q, rows_block, preferred_element_type=jnp.float32)
+            values, at = jax.lax.top_k(scores, min(k, rows_block.shape[0]))
+            return values, (start + at).astype(jnp.int32)
+
+        def merge(a, b):
+            values, where = jax.lax.top_k(jnp.concatenate([a[0], b[0]], axis=1), k)
+            return values, jnp.take_along_axis(jnp.concatenate([a[1], b[1]], axis=1), where, axis=1)
+
+        chunk = min(self.n, max(k, self.max_scores // max(len(q), 1)))
+        full = self.n // chunk
+        blocks = database[: full * chunk].reshape(full, chunk, -1)
+        best = top(blocks[0], 0)
+        if full > 1:
+            step = lambda best, args: (merge(best, top(*args)), None)
+            starts = jnp.arange(1, full, dtype=jnp.int32) * chunk
+            best, _ = jax.lax.scan(step, best, (blocks[1:], starts))
+        if full * chunk < self.n:  # the rows left over after the whole chunks
+            best = merge(best, top(database[full * chunk :], full * chunk))
+        return best[1], best[0]
+
+    def __call__(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.n)
+        rows, scores = self._search(
+            self.database, np.asarray(queries, np.float32).reshape(-1, self.database.shape[1]), k
+        )
+        return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
+
+
 # ------------------------------------------------------------------------------------------- a collection
 
 
@@ -249,9 +303,13 @@ class Collection:
 
     def _search_ann(self, queries: np.ndarray, k: int, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
         pre = max(k, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
-        ids, scores = self.scann.search_batched(
-            queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves
-        )
+        # Spread over the cores: 1.6x the throughput of `search_batched` at 1,024 queries on 2 cores, the same
+        # for one query.
+        per_thread = min(256, max(1, -(-len(queries) // (os.cpu_count() or 1))))
+        ids, scores = self.scann.search_batched_parallel(
+            queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves,
+            batch_size=per_thread,
+        )  # fmt: skip
         return np.asarray(ids, np.int64).reshape(len(queries), -1), np.asarray(scores, np.float32)
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:

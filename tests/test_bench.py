@@ -10,7 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["input_pipeline", "loss_memory", "train_throughput", "index_recall", "serve_load"])
+@pytest.mark.parametrize(
+    "script", ["input_pipeline", "loss_memory", "train_throughput", "index_recall", "serve_load", "search_latency"]
+)
 def test_quick_mode_writes_results(tmp_path, script):
     out = tmp_path / f"{script}.json"
     result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=ROOT,

@@ -19,6 +19,7 @@ from jaxmr.index import (
     BuildOptions,
     Collection,
     InvalidIndexError,
+    JaxExactSearch,
     Searcher,
     build_index,
     exact_search,
@@ -53,6 +54,24 @@ def test_exact_search_by_hand():
     np.testing.assert_allclose(scores[1], [0.0, 0.0])
     rows, _ = exact_search(database, np.array([[0, 1]], np.float32), k=10)  # k above N: all rows, best first
     assert rows.tolist() == [[1, 2, 0, 3]] or rows.tolist()[0][:2] == [1, 2]
+
+
+def test_jax_exact_search_by_hand_and_against_numpy():
+    database = np.array([[1, 0], [0, 1], [0.6, 0.8], [-1, 0], [0.8, 0.6]], np.float32)
+    search = JaxExactSearch(database, max_scores=4)  # 2 queries -> chunks of 2 rows, a scan and a leftover row
+    rows, scores = search(np.array([[1, 0], [0, 1]], np.float32), k=2)
+    assert rows.tolist() == [[0, 4], [1, 2]]
+    np.testing.assert_allclose(scores, [[1.0, 0.8], [1.0, 0.8]], atol=1e-6)
+    assert search(np.array([[0, -1]], np.float32), k=9)[0].shape == (1, 5)  # k above N: all rows
+    database, queries = unit(3000, 32, 0), unit(50, 32, 1)
+    for max_scores in (1 << 25, 50 * 700):  # one pass, and 4 chunks of 700 rows + 200 left over
+        rows, scores = JaxExactSearch(database, max_scores=max_scores)(queries, k=10)
+        expected_rows, expected_scores = exact_search(database, queries, 10)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    rows, _ = JaxExactSearch(database, dtype="bfloat16")(queries, k=10)
+    assert recall(rows, expected_rows) > 0.9  # bfloat16 rounds the scores: near-ties may swap
+    assert JaxExactSearch(database, dtype="bfloat16").nbytes == database.nbytes // 2
 
 
 def test_auto_config_follows_scann_advice():
