@@ -96,7 +96,16 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from jaxmr import composed
     from jaxmr.trainer import evaluate
+
+    if composed.is_composed_run(args.workdir):  # image + text -> image: the composer and both baselines
+        metrics = composed.evaluate(args.workdir, args.data, args.split)
+        if args.json:
+            print(json.dumps(metrics))
+        else:
+            composed.print_table(metrics)
+        return
 
     metrics = evaluate(args.workdir, args.data, args.split)
     if args.json:

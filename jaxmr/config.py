@@ -103,9 +103,43 @@ class TrainConfig:
             raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
 
 
+@dataclasses.dataclass(frozen=True)
+class ComposedConfig:
+    """Composed queries (image + modification text -> image) on top of a trained dual encoder: `jaxmr.composed`.
+
+    The base model's image tower is frozen (gallery embeddings are computed once and cached in the workdir); a
+    copy of its text tower reads the modification sentences (fine-tuned unless `train_text` is False) and TIRG
+    fusion is trained with the contrastive loss between the composed query and the target image's embedding.
+    """
+
+    base: str = "runs/shapes_tiny"  # the trained dual encoder: a run directory or a model export
+    data: str = "shapes-edits:n=20000,size=48,seed=0"  # a triplet source spec (jaxmr.data.triplets)
+    train_split: str = "train"
+    eval_split: str = "val"
+    hidden: int = 0  # TIRG hidden width; 0 -> 2 x embed_dim
+    train_text: bool = True
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=100,
+                                                                               weight_decay=0.05))  # fmt: skip
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    mesh: tuple[tuple[str, int], ...] = (("data", -1),)
+    batch_size: int = 256
+    steps: int = 1500
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500  # and at the end
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.loss.name == "triplet":
+            raise ValueError("composed training takes loss.name softmax or sigmoid")
+        if min(self.steps, self.batch_size, self.log_every, self.eval_every) < 1:
+            raise ValueError("steps, batch_size, log_every and eval_every must be positive")
+
+
 # Every dataclass a config may contain, by name: the JSON form records which one a field holds.
-CONFIG_TYPES = {cls.__name__: cls for cls in (TrainConfig, ModelConfig, ViTConfig, ConvConfig, EfficientNetConfig,
-                                              TextConfig, BertConfig, DataConfig, OptimConfig, LossConfig)}  # fmt: skip
+CONFIG_TYPES = {cls.__name__: cls for cls in (TrainConfig, ComposedConfig, ModelConfig, ViTConfig, ConvConfig,
+                                              EfficientNetConfig, TextConfig, BertConfig, DataConfig, OptimConfig,
+                                              LossConfig)}  # fmt: skip
 
 
 def to_dict(config: Any) -> Any:

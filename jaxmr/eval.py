@@ -58,3 +58,35 @@ def retrieval_metrics(
     metrics["n_images"] = len(zimg)
     metrics["n_captions"] = len(ztxt)
     return metrics
+
+
+def composed_recall(
+    queries: np.ndarray, gallery: np.ndarray, references: np.ndarray, targets: np.ndarray, ks=KS, chunk: int = 4096
+) -> dict[str, float]:
+    """Recall@K of composed queries (CIRR protocol): each query ranks the whole gallery except its own reference.
+
+    queries: [Q, E]; gallery: [G, E]; references, targets: int [Q] gallery rows. Returns r1, r5, r10 (fractions)
+    and the median rank (1-based); ties count against the target.
+    """
+    queries, gallery = np.asarray(queries, np.float32), np.asarray(gallery, np.float32)
+    references, targets = np.asarray(references, np.int64), np.asarray(targets, np.int64)
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"queries must be [Q, E] and gallery [G, E]; got {queries.shape} and {gallery.shape}")
+    if references.shape != (len(queries),) or targets.shape != (len(queries),):
+        raise ValueError(f"references and targets must be [Q] = [{len(queries)}]")
+    if len(queries) and (
+        min(references.min(), targets.min()) < 0 or max(references.max(), targets.max()) >= len(gallery)
+    ):
+        raise ValueError("a reference or target is outside the gallery")
+    ranks = []
+    for s in range(0, len(queries), chunk):
+        rows = np.arange(min(chunk, len(queries) - s))
+        similarity = queries[s : s + chunk] @ gallery.T
+        similarity[rows, references[s : s + chunk]] = -np.inf
+        correct = similarity[rows, targets[s : s + chunk]]
+        ranks.append((similarity >= correct[:, None]).sum(axis=1) - 1)
+    rank = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+    metrics = {f"r{k}": float(np.mean(rank < k)) for k in ks}
+    metrics["median_rank"] = float(np.median(rank) + 1)
+    metrics["n_queries"], metrics["n_gallery"] = len(queries), len(gallery)
+    return metrics

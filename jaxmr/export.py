@@ -76,8 +76,13 @@ def fingerprint(params: dict, config: TrainConfig) -> str:
 
 
 def export_model(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> str:
-    """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint."""
+    """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint. A composed
+    run exports its base model with the composer (`jaxmr.composed`)."""
+    from jaxmr import composed
     from jaxmr.trainer import load_run
+
+    if composed.is_composed_run(workdir):
+        return composed.export_composed(workdir, out)
 
     config, _, state, tokenizer = load_run(workdir, step)
     params = jax.tree.map(np.asarray, state.params)
@@ -139,6 +144,7 @@ class Encoder:
         fingerprint: str,
         buckets: Sequence[int] = BUCKETS,
         mesh: jax.sharding.Mesh | None = None,
+        composer: tuple[nnx.GraphDef, dict] | None = None,
     ):
         from jaxmr.trainer import model_graph
 
@@ -166,6 +172,18 @@ class Encoder:
                         out_shardings=replicated),
                 batch,
             )  # fmt: skip
+        # A trained composed-query model (`jaxmr.composed`): reference embedding + modification tokens -> query.
+        self.composer_params = None
+        if composer is not None:
+            composer_graph, composer_params = composer
+            self.composer_params = jax.device_put(composer_params, replicated)
+            for bucket in self.buckets:
+                batch = NamedSharding(self.mesh, P(self.mesh.axis_names)) if bucket % n_devices == 0 else replicated
+                self._jitted["compose", bucket] = (
+                    jax.jit(lambda p, z, t: nnx.merge(composer_graph, p)(z, t),
+                            in_shardings=(replicated, batch, batch), out_shardings=replicated),
+                    batch,
+                )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | os.PathLike, buckets: Sequence[int] = BUCKETS) -> Encoder:
@@ -175,7 +193,10 @@ class Encoder:
         config = from_dict(meta["config"])
         with np.load(path / "params.npz") as data:
             params = unflatten({k: data[k] for k in data.files})
-        return cls(config, params, load_tokenizer(path / "tokenizer"), meta["fingerprint"], buckets)
+        from jaxmr.composed import load_composer
+
+        composer = load_composer(path, config.model)
+        return cls(config, params, load_tokenizer(path / "tokenizer"), meta["fingerprint"], buckets, composer=composer)
 
     @classmethod
     def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Encoder:
@@ -189,17 +210,23 @@ class Encoder:
         """The batch size `n` rows are padded to (the largest bucket when none holds them)."""
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
-    def _run(self, kind: str, x: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(x), self.embed_dim), np.float32)
+    def _run(self, kind: str, *inputs: np.ndarray) -> np.ndarray:
+        n = len(inputs[0])
+        out = np.zeros((n, self.embed_dim), np.float32)
+        params = self.composer_params if kind == "compose" else self.params
         start = 0
-        while start < len(x):
-            size = self.bucket(len(x) - start)
-            chunk = x[start : start + size]
-            pad = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+        while start < n:
+            size = self.bucket(n - start)
             fn, sharding = self._jitted[kind, size]
-            z = fn(self.params, jax.device_put(np.concatenate([chunk, pad]), sharding))
-            out[start : start + len(chunk)] = np.asarray(z)[: len(chunk)]
-            start += len(chunk)
+            padded = []
+            for x in inputs:
+                chunk = x[start : start + size]
+                pad = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                padded.append(jax.device_put(np.concatenate([chunk, pad]), sharding))
+            z = fn(params, *padded)
+            rows = min(size, n - start)
+            out[start : start + rows] = np.asarray(z)[:rows]
+            start += rows
         return out
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
@@ -217,6 +244,20 @@ class Encoder:
         """N strings -> L2-normalised float32 [N, E]."""
         return self.encode_tokens(self.tokenizer.encode(list(texts)))
 
+    @property
+    def has_composer(self) -> bool:
+        return self.composer_params is not None
+
+    def compose(self, zref: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """Composed queries with the trained composer: reference image embeddings [N, E] and N modification
+        sentences -> L2-normalised float32 [N, E]."""
+        if not self.has_composer:
+            raise ValueError("this model has no trained composer (train one with configs/shapes_composed.py)")
+        zref = np.asarray(zref, np.float32).reshape(-1, self.embed_dim)
+        if len(zref) != len(texts):
+            raise ValueError(f"{len(zref)} reference embeddings but {len(texts)} texts")
+        return self._run("compose", zref, self.tokenizer.encode(list(texts)).astype(np.int32))
+
     def preprocess(self, image: np.ndarray | bytes | str | Image.Image) -> np.ndarray:
         """Any image a record or an upload may hold -> uint8 [S, S, 3] (shorter side to S, central square).
         Raises `ImageReadError` for data that is not a readable image."""
@@ -227,12 +268,15 @@ class Encoder:
 
     def warm_up(self) -> int:
         """Compiles every bucket of both encoders; returns how many functions were compiled."""
+        tokens = lambda b: np.zeros((b, self.tokenizer.max_len), np.int32)
         for (kind, bucket), (fn, sharding) in self._jitted.items():
-            shape = (
-                (bucket, self.image_size, self.image_size, 3) if kind == "image" else (bucket, self.tokenizer.max_len)
-            )
-            dtype = np.uint8 if kind == "image" else np.int32
-            jax.block_until_ready(fn(self.params, jax.device_put(np.zeros(shape, dtype), sharding)))
+            inputs = {
+                "image": lambda b: [np.zeros((b, self.image_size, self.image_size, 3), np.uint8)],
+                "text": lambda b: [tokens(b)],
+                "compose": lambda b: [np.zeros((b, self.embed_dim), np.float32), tokens(b)],
+            }[kind](bucket)
+            params = self.composer_params if kind == "compose" else self.params
+            jax.block_until_ready(fn(params, *(jax.device_put(x, sharding) for x in inputs)))
         return len(self._jitted)
 
     def compiled_count(self) -> int:

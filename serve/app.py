@@ -236,7 +236,8 @@ async def projection(request: Request, n: Annotated[int, QueryParameter(ge=2)] =
 
 @get("/api/info")
 async def info(request: Request) -> dict[str, Any]:
-    """What the index holds: counts, model, whether captions are searchable, and the limits."""
+    """What the index holds: counts, model, whether captions are searchable, the limits, and how image + text
+    queries are fused (a trained composer, or the normalised sum of the two embeddings)."""
     engine, settings = _engine(request), _settings(request)
     m = engine.searcher.manifest
     return {
@@ -246,6 +247,7 @@ async def info(request: Request) -> dict[str, Any]:
         "limits": {"max_k": settings.max_k, "max_text_chars": settings.max_text_chars,
                    "max_upload_bytes": settings.max_upload_bytes},
         "uploads_need_key": bool(settings.api_key),
+        "composed_queries": "trained composer" if engine.encoder.has_composer else "normalised sum",
     }  # fmt: skip
 
 

@@ -148,15 +148,23 @@ class Engine:
             self.searcher.refresh()  # another writer (a CLI, a second server) may have committed a version
             start = time.perf_counter()
             dim = self.searcher.manifest["model"]["embed_dim"]
-            texts = [q.text for q in queries if q.text is not None]
+            # With a trained composer, image + text queries go through it (its own text tower reads the text).
+            fuse = lambda q: self.encoder.has_composer and q.text is not None and q.image is not None
+            texts = [q.text for q in queries if q.text is not None and not fuse(q)]
             images = [q.image for q in queries if q.image is not None]
             ztxt = self.encoder.encode_texts(texts) if texts else np.zeros((0, dim), np.float32)
             zimg = self.encoder.encode_images(np.stack(images)) if images else np.zeros((0, dim), np.float32)
-            vectors, t, i = [], iter(ztxt), iter(zimg)
-            for q in queries:
-                zt = next(t) if q.text is not None else None
+            vectors, t, i, fused = [], iter(ztxt), iter(zimg), []
+            for n, q in enumerate(queries):
+                zt = next(t) if q.text is not None and not fuse(q) else None
                 zi = next(i) if q.image is not None else None
+                if q.vector is None and fuse(q):
+                    fused.append((n, zi))
                 vectors.append(q.vector if q.vector is not None else self._compose(zi, zt))
+            if fused:
+                composed = self.encoder.compose(np.stack([z for _, z in fused]), [queries[n].text for n, _ in fused])
+                for (n, _), z in zip(fused, composed, strict=True):
+                    vectors[n] = z
             encode = time.perf_counter() - start
             results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
             for target in ("images", "captions"):

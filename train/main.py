@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from jaxmr.config import apply_overrides, load_config_file
+from jaxmr.config import ComposedConfig, apply_overrides, load_config_file
 from jaxmr.trainer import train
 
 
@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     config = apply_overrides(load_config_file(args.config), args.set)
-    metrics = train(config, args.workdir, stop_at_step=args.stop_at_step, progress=not args.no_progress)
+    if isinstance(config, ComposedConfig):  # composed queries on top of a trained dual encoder
+        from jaxmr.composed import train as train_composed
+
+        metrics = train_composed(config, args.workdir, progress=not args.no_progress)
+    else:
+        metrics = train(config, args.workdir, stop_at_step=args.stop_at_step, progress=not args.no_progress)
     if metrics:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 

@@ -5,6 +5,7 @@ from jaxmr.models.bert import BertConfig
 from jaxmr.models.dual_encoder import (
     PRESETS,
     ComposedQuery,
+    Composer,
     DualEncoder,
     ModelConfig,
     abstract_model,
@@ -18,6 +19,7 @@ __all__ = [
     "PRESETS",
     "BertConfig",
     "ComposedQuery",
+    "Composer",
     "ConvConfig",
     "DualEncoder",
     "EfficientNetConfig",

@@ -100,6 +100,14 @@ def make_text_tower(config: TextConfig | BertConfig, *, remat: bool, rngs: nnx.R
     raise TypeError(f"unknown text tower config {type(config).__name__}")
 
 
+def make_head(config: ModelConfig, din: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The projection from a tower's width `din` to `config.embed_dim`: linear or `ProjectionHead`."""
+    dtype = DTYPES[config.dtype]
+    if config.head == "linear":
+        return dense(din, config.embed_dim, ("embed", None), use_bias=config.proj_bias, rngs=rngs, dtype=dtype)
+    return ProjectionHead(din, config.embed_dim, config.head_hidden, config.head_dropout, rngs=rngs, dtype=dtype)
+
+
 class DualEncoder(nnx.Module):
     """Image and text towers projected into a shared `embed_dim` space with a learnable temperature."""
 
@@ -109,14 +117,8 @@ class DualEncoder(nnx.Module):
         self.image_tower = make_image_tower(config.image, remat=config.remat, rngs=rngs, dtype=dtype)
         self.text_tower = make_text_tower(config.text, remat=config.remat, rngs=rngs, dtype=dtype)
 
-        def head(din: int):
-            if config.head == "linear":
-                return dense(din, config.embed_dim, ("embed", None), use_bias=config.proj_bias, rngs=rngs, dtype=dtype)
-            return ProjectionHead(din, config.embed_dim, config.head_hidden, config.head_dropout, rngs=rngs,
-                                  dtype=dtype)  # fmt: skip
-
-        self.image_proj = head(config.image.width)
-        self.text_proj = head(config.text.width)
+        self.image_proj = make_head(config, config.image.width, rngs=rngs)
+        self.text_proj = make_head(config, config.text.width, rngs=rngs)
         self.log_t = nnx.Param(jnp.asarray(math.log(config.init_logit_scale), jnp.float32))
         self.b = nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32))
 
@@ -207,6 +209,31 @@ class ComposedQuery(nnx.Module):
         gate = jax.nn.sigmoid(self.gate_out(jax.nn.relu(self.gate_in(both))))
         residual = self.residual_out(self.residual(self.residual_in(both)))
         return l2_normalize(self.w_gate[...] * gate * zimg + self.w_residual[...] * residual)
+
+
+class Composer(nnx.Module):
+    """The composed-query model: its own copy of the text tower and text projection (initialised from a trained
+    dual encoder's, then fine-tuned or kept frozen) reads the modification sentence, and TIRG fuses it with the
+    reference image's embedding. zref [B, E] (L2-normalised), tokens int [B, L] -> [B, E] L2-normalised."""
+
+    def __init__(self, config: ModelConfig, hidden: int = 0, *, rngs: nnx.Rngs):
+        self.config = config
+        self.text_tower = make_text_tower(config.text, remat=False, rngs=rngs, dtype=DTYPES[config.dtype])
+        self.text_proj = make_head(config, config.text.width, rngs=rngs)
+        self.fusion = ComposedQuery(config.embed_dim, hidden or None, rngs=rngs)
+        self.log_t = nnx.Param(jnp.asarray(math.log(10.0), jnp.float32))
+        self.b = nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32))  # the sigmoid loss's bias
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """int [B, L] -> L2-normalised float32 [B, E]."""
+        return l2_normalize(self.text_proj(self.text_tower(tokens)).astype(jnp.float32))
+
+    @property
+    def logit_scale(self) -> jax.Array:
+        return jnp.exp(jnp.minimum(self.log_t[...], math.log(self.config.max_logit_scale)))
+
+    def __call__(self, zref: jax.Array, tokens: jax.Array) -> jax.Array:
+        return self.fusion(zref, self.encode_text(tokens))
 
 
 # --------------------------------------------------------------------------------------------------- presets

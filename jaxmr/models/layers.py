@@ -59,7 +59,7 @@ ACTIVATIONS = {
 
 
 class Mlp(nnx.Module):
-    """x [B, L, D] -> [B, L, D] through a hidden layer of `hidden` units."""
+    """x [B, L, D] (or [B, D]) -> the same shape, through a hidden layer of `hidden` units."""
 
     def __init__(self, width: int, hidden: int, *, activation: str, dropout: float, rngs: nnx.Rngs, dtype=None):
         self.fc1 = dense(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
@@ -69,7 +69,7 @@ class Mlp(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = constrain(self.activation(self.fc1(x)), ("batch", "length", "mlp"))
+        h = constrain(self.activation(self.fc1(x)), ("batch", "length", "mlp") if x.ndim == 3 else ("batch", "mlp"))
         return self.fc2(self.dropout(h) if self.dropout is not None else h)
 
 

@@ -1,0 +1,314 @@
+"""Composed queries: a reference image plus a modification sentence retrieves the edited image.
+
+    jaxmr train --config configs/shapes_composed.py --workdir runs/shapes_composed
+    jaxmr eval --workdir runs/shapes_composed --split test
+
+Training sits on a trained dual encoder (`ComposedConfig.base`). Its image tower is frozen, so every gallery
+image of a split is embedded once and cached (`WORKDIR/features/`); a `Composer` (a copy of the base text tower
+and projection, plus TIRG fusion) learns to map (reference embedding, modification tokens) to the target's
+embedding with the configured contrastive loss, sharded over the mesh like the dual encoder's. The run ends
+with an export in `WORKDIR/model/`: the base model plus `composer/`, which `jaxmr index build`, `Encoder` and
+the server use for composed queries.
+
+Evaluation ranks the split's whole gallery (its own reference left out) for three queries in one table: the
+trained composer, the reference image alone, and the normalised sum of the reference image and the text
+embedded by the base model (what the server does without a composer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from jaxmr.config import ComposedConfig, from_dict, load_config, save_config, to_dict
+from jaxmr.data.pipeline import ImageReadError
+from jaxmr.data.triplets import TripletSource, parse_triplets
+from jaxmr.eval import composed_recall
+from jaxmr.export import Encoder, export_model, fingerprint, flatten, read_export_meta, unflatten
+from jaxmr.models import Composer, l2_normalize
+from jaxmr.sharding import make_mesh
+from jaxmr.trainer import MetricsWriter, TrainState, batch_axes, make_loss, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+
+COMPOSER_DIR = "composer"
+QUERIES = ("composed", "image_only", "image_plus_text")
+
+
+def is_composed_run(workdir: str | Path) -> bool:
+    path = Path(workdir) / "config.json"
+    return path.is_file() and json.loads(path.read_text()).get("__type__") == "ComposedConfig"
+
+
+def load_base(base: str | Path) -> Encoder:
+    """The base dual encoder from a model export or a training run directory."""
+    base = Path(base)
+    if (base / "params.npz").is_file():
+        return Encoder.load(base)
+    if (base / "config.json").is_file():
+        return Encoder.from_run(base)
+    raise ValueError(f"base model {base}: neither a model export nor a training run (train one first, e.g. "
+                     "`jaxmr train --config configs/shapes_tiny.py --workdir runs/shapes_tiny`)")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TripletSplit:
+    """One split, embedded: gallery [G, E]; references, targets int [N] gallery rows; texts; tokens int [N, L]."""
+
+    gallery: np.ndarray
+    references: np.ndarray
+    targets: np.ndarray
+    texts: list[str]
+    tokens: np.ndarray
+
+
+def embed_split(source: TripletSource, encoder: Encoder, cache: Path | None, progress: bool = False,
+                batch: int = 256) -> TripletSplit:  # fmt: skip
+    """Embeds a split's gallery with the base image encoder (cached under `cache`, keyed by model and source)."""
+    triplets = [source.triplet(i) for i in range(len(source))]
+    references = np.array([r for r, _, _ in triplets], np.int64)
+    targets = np.array([t for _, _, t in triplets], np.int64)
+    texts = [text for _, text, _ in triplets]
+    key = f"{encoder.fingerprint}-{_slug(source.name)}-{getattr(source, 'split', '')}-{source.gallery_size()}"
+    path = cache / f"gallery-{key}.npy" if cache is not None else None
+    if path is not None and path.exists():
+        gallery = np.load(path)
+    else:
+        gallery = np.zeros((source.gallery_size(), encoder.embed_dim), np.float32)
+        bar = tqdm(total=len(gallery), desc="embedding gallery", unit="img", disable=not progress)
+        for start in range(0, len(gallery), batch):
+            rows = range(start, min(start + batch, len(gallery)))
+            images = []
+            for g in rows:
+                try:
+                    images.append(encoder.preprocess(source.gallery_image(g)))
+                except ImageReadError as e:
+                    raise ImageReadError(f"{source.name}: gallery image {g}: {e}") from None
+            gallery[start : start + len(images)] = encoder.encode_images(np.stack(images))
+            bar.update(len(images))
+        bar.close()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path.with_suffix(".partial.npy"), gallery)
+            path.with_suffix(".partial.npy").replace(path)
+    return TripletSplit(gallery, references, targets, texts, encoder.tokenizer.encode(texts))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "=-." else "_" for c in text)[-80:]
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def init_composer(config: ComposedConfig, encoder: Encoder) -> tuple[nnx.GraphDef, dict]:
+    """A Composer whose text tower and projection start as the base model's (pure params dict)."""
+    composer = Composer(encoder.config.model, config.hidden, rngs=nnx.Rngs(config.seed))
+    graphdef, state = nnx.split(composer)
+    params = nnx.to_pure_dict(state)
+    base = jax.device_get(encoder.params)
+    for part in ("text_tower", "text_proj"):
+        params[part] = jax.tree.map(np.asarray, base[part])
+    return graphdef, params
+
+
+def composed_forward(model: Composer, ztarget: jax.Array, query: dict, key: jax.Array | None):
+    """(target embeddings as the 'image' side, composed queries as the 'text' side, loss scalars)."""
+    return ztarget, model(query["reference"], query["tokens"]), {"t": model.logit_scale, "b": model.b[...]}
+
+
+def compose_batched(graphdef: nnx.GraphDef, params: dict, zref: np.ndarray, tokens: np.ndarray,
+                    batch: int = 1024) -> np.ndarray:  # fmt: skip
+    """Composed queries for many rows, `batch` at a time (the last batch padded, so one shape compiles)."""
+    fn = jax.jit(lambda p, z, t: nnx.merge(graphdef, p)(z, t))
+    out = np.zeros_like(zref, dtype=np.float32)
+    for start in range(0, len(zref), batch):
+        z, t = zref[start : start + batch], tokens[start : start + batch]
+        pad = batch - len(z)
+        z = np.concatenate([z, np.zeros((pad, z.shape[1]), z.dtype)])
+        t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
+        out[start : start + batch] = np.asarray(fn(params, z, t))[: batch - pad]
+    return out
+
+
+def evaluate_split(data: TripletSplit, encoder: Encoder, composed: np.ndarray | None) -> dict[str, float]:
+    """Recall@1/5/10 and median rank of the composed queries (when given) and of both baselines, flat keys
+    `<query>_r1` ..."""
+    reference = data.gallery[data.references]
+    queries = {
+        "image_only": reference,
+        "image_plus_text": np.asarray(l2_normalize(reference + encoder.encode_tokens(data.tokens))),
+    }
+    if composed is not None:
+        queries = {"composed": composed, **queries}
+    metrics = {}
+    for name, q in queries.items():
+        for key, value in composed_recall(q, data.gallery, data.references, data.targets).items():
+            if key.startswith("n_"):
+                metrics[key] = value
+            else:
+                metrics[f"{name}_{key}"] = value
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) -> dict[str, float]:
+    """Trains the composer of `config` in `workdir` (from scratch: minutes; the gallery embeddings are reused)
+    and writes the export `workdir/model`. Returns the last evaluation."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / "config.json"
+    if saved.exists() and load_config(saved) != config:
+        raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
+    save_config(config, saved)
+    encoder = load_base(config.base)
+    train_data = embed_split(parse_triplets(config.data, config.train_split), encoder, workdir / "features", progress)
+    val_data = embed_split(parse_triplets(config.data, config.eval_split), encoder, workdir / "features", progress)
+    mesh = make_mesh(config.mesh)
+    axes = batch_axes(mesh)
+    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    if config.batch_size % shards:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {shards} devices")
+    if config.batch_size > len(train_data.texts):
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_data.texts)} training triplets")
+    graphdef, params = init_composer(config, encoder)
+    optim = config.optim
+    if not config.train_text:
+        optim = dataclasses.replace(optim, freeze=(*optim.freeze, "text_tower/.*", "text_proj/.*"))
+    tx, schedule = make_optimizer(optim, config.steps, params)
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axes))
+    step_fn = make_train_step(graphdef, tx, schedule, make_loss(config.loss, mesh), 1, composed_forward)
+    step_fn = jax.jit(step_fn, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                      donate_argnums=(0,))  # fmt: skip
+    state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.key(config.seed))
+    state = jax.device_put(state, replicated)
+    writer = MetricsWriter(workdir)
+    rng = np.random.default_rng(config.seed)
+    order, cursor = rng.permutation(len(train_data.texts)), 0
+    last: dict[str, float] = {}
+    bar = tqdm(total=config.steps, desc="train composer", unit="step", disable=not progress, dynamic_ncols=True)
+    timer = time.perf_counter()
+    with jax.set_mesh(mesh):
+        for step in range(1, config.steps + 1):
+            if cursor + config.batch_size > len(order):
+                order, cursor = rng.permutation(len(train_data.texts)), 0
+            rows = order[cursor : cursor + config.batch_size]
+            cursor += config.batch_size
+            batch = {
+                "image": train_data.gallery[train_data.targets[rows]],
+                "text": {"reference": train_data.gallery[train_data.references[rows]],
+                         "tokens": train_data.tokens[rows]},
+                "index": train_data.targets[rows].astype(np.int32),
+            }  # fmt: skip
+            state, metrics = step_fn(state, jax.device_put(batch, sharded))
+            if step % config.log_every == 0 or step == config.steps:
+                metrics = jax.device_get(metrics)
+                metrics["examples_per_s"] = config.log_every * config.batch_size / (time.perf_counter() - timer)
+                writer.write(step, metrics, "train/")
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                timer = time.perf_counter()
+            if step % config.eval_every == 0 or step == config.steps:
+                params = jax.device_get(state.params)
+                composed = compose_batched(graphdef, params, val_data.gallery[val_data.references], val_data.tokens)
+                last = evaluate_split(val_data, encoder, composed)
+                writer.write(step, last, "eval/")
+                log.info("step %d: composed R@1 %.3f (image only %.3f, image + text %.3f)", step,
+                         last["composed_r1"], last["image_only_r1"], last["image_plus_text_r1"])  # fmt: skip
+                timer = time.perf_counter()
+            bar.update(1)
+    bar.close()
+    writer.close()
+    params = jax.device_get(state.params)
+    np.savez(workdir / "composer.npz", **flatten(params))
+    export_composed(workdir, workdir / "model")
+    return last
+
+
+# ------------------------------------------------------------------------------------------- export and eval
+
+
+def export_composed(workdir: str | Path, out: str | Path) -> str:
+    """The base model's export plus `composer/` (params.npz, config.json); returns the base fingerprint."""
+    workdir, out = Path(workdir), Path(out)
+    config = load_config(workdir / "config.json")
+    with np.load(workdir / "composer.npz") as f:
+        params = unflatten(dict(f))
+    base = Path(config.base)
+    if out.exists():
+        shutil.rmtree(out)
+    if (base / "params.npz").is_file():
+        shutil.copytree(base, out, ignore=shutil.ignore_patterns(COMPOSER_DIR))
+    else:
+        export_model(base, out)
+    meta = read_export_meta(out)
+    model_config = from_dict(meta["config"]).model
+    target = out / COMPOSER_DIR
+    target.mkdir(exist_ok=True)
+    np.savez(target / "params.npz", **flatten(params))
+    composer_meta = {
+        "hidden": config.hidden,
+        "base_fingerprint": meta["fingerprint"],
+        "fingerprint": fingerprint(params, from_dict(meta["config"])),
+        "workdir": str(workdir.resolve()),
+        "config": to_dict(config),
+    }
+    (target / "config.json").write_text(json.dumps(composer_meta, indent=2) + "\n")
+    load_composer(out, model_config)  # the written composer matches the base model's config
+    return meta["fingerprint"]
+
+
+def load_composer(export: str | Path, model_config) -> tuple[nnx.GraphDef, dict] | None:
+    """(graphdef, params) of an export's composer, or None when it has none."""
+    path = Path(export) / COMPOSER_DIR
+    if not (path / "params.npz").is_file():
+        return None
+    meta = json.loads((path / "config.json").read_text())
+    abstract = nnx.eval_shape(lambda: Composer(model_config, meta["hidden"], rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    with np.load(path / "params.npz") as f:
+        params = unflatten(dict(f))
+    if jax.tree.structure(nnx.to_pure_dict(state)) != jax.tree.structure(params):
+        raise ValueError(f"{path}: the composer's parameters do not match its config")
+    return graphdef, params
+
+
+def evaluate(workdir: str | Path, source_spec: str | None = None, split: str | None = None) -> dict[str, float]:
+    """The three queries' recall on a split of the run's triplet source (or another)."""
+    workdir = Path(workdir)
+    config = load_config(workdir / "config.json")
+    export = workdir / "model"
+    if not (export / COMPOSER_DIR).is_dir():
+        raise ValueError(f"{workdir} has no trained composer yet (no {export / COMPOSER_DIR})")
+    encoder = Encoder.load(export)
+    graphdef, params = load_composer(export, encoder.config.model)
+    data = embed_split(parse_triplets(source_spec or config.data, split or config.eval_split), encoder,
+                       workdir / "features")  # fmt: skip
+    composed = compose_batched(graphdef, params, data.gallery[data.references], data.tokens)
+    return evaluate_split(data, encoder, composed)
+
+
+def print_table(metrics: dict[str, float]) -> None:
+    print(f"{'query':<18} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'median rank':>12}")
+    for name in QUERIES:
+        if f"{name}_r1" in metrics:
+            row = [metrics[f"{name}_{k}"] for k in ("r1", "r5", "r10")]
+            print(f"{name:<18} " + " ".join(f"{v:>7.3f}" for v in row) + f" {metrics[f'{name}_median_rank']:>12.0f}")
+    print(f"({int(metrics['n_queries'])} queries, gallery of {int(metrics['n_gallery'])} images)")
