@@ -107,6 +107,9 @@ def _eval(args: argparse.Namespace) -> None:
             composed.print_table(metrics)
         return
 
+    if args.report or args.labelled:
+        _eval_report(args)
+        return
     metrics = evaluate(args.workdir, args.data, args.split)
     if args.json:
         keys = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_median_rank", "i2t_median_rank",
@@ -116,6 +119,34 @@ def _eval(args: argparse.Namespace) -> None:
     from jaxmr.demo import print_table
 
     print_table(metrics)
+
+
+def _eval_report(args: argparse.Namespace) -> None:
+    from jaxmr import report
+    from jaxmr.data import parse_source
+
+    templates = tuple(args.prompt) or None  # None: the labelled source's own, or jaxmr.eval.TEMPLATES
+    bad = [t for t in args.prompt if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"a prompt template needs exactly one {{}} for the class name, got {bad[0]!r}")
+    if args.report:
+        metrics = report.write_report(args.workdir, args.report, args.data, args.split, args.labelled, templates,
+                                      progress=not args.json)  # fmt: skip
+        if args.json:
+            print(json.dumps(metrics, default=float))
+        else:
+            print(f"wrote {Path(args.report) / 'report.md'} and report.html")
+        return
+    encoder = report.load_encoder(args.workdir)
+    source = parse_source(args.labelled, args.split)
+    classes = report.class_report(encoder, source, report.embed_images(encoder, source, progress=not args.json),
+                                  templates)  # fmt: skip
+    if args.json:
+        print(json.dumps(classes))
+        return
+    print(report.class_table(classes))
+    print(f"zero-shot top-1 {classes['zero_shot_top1']:.3f}, top-5 {classes['zero_shot_top5']:.3f} "
+          f"({classes['n_images']} images, {classes['n_classes']} classes)")  # fmt: skip
 
 
 def _index_build(args: argparse.Namespace) -> None:
@@ -149,6 +180,20 @@ def _index_search(args: argparse.Namespace) -> None:
     searcher = Searcher(args.index)
     ids, scores = searcher.search_text([args.query], args.k, args.target, exact=args.exact)
     records = searcher.records(ids[0], args.target)
+    if args.grid:
+        import numpy as np
+
+        from jaxmr.viz import result_grid
+
+        image_ids = [r["id"] if args.target == "images" else r["image_id"] for r in records]
+        files = [searcher.image_file(i) for i in image_ids]
+        labels = [f"#{rank} {score:.3f} id {i}" for rank, (i, score) in enumerate(zip(image_ids, scores[0],
+                                                                                      strict=True), 1)]  # fmt: skip
+        if not records:
+            raise ValueError("no results to draw: the index is empty")
+        result_grid([str(f) if f else np.zeros((8, 8, 3), np.uint8) for f in files], labels, args.grid,
+                    f'"{args.query}"')  # fmt: skip
+        print(f"wrote {args.grid}: the top {len(records)} for {args.query!r}")
     if args.json:
         print(json.dumps([dict(r, score=float(s)) for r, s in zip(records, scores[0], strict=True)]))
         return
@@ -205,6 +250,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help=f"{SPEC_HELP} (default: the run's own)")
     evaluate.add_argument("--split", default=None, help="train | val (= dev) | test (default: the run's eval split)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--labelled", default=None, metavar="SPEC",
+                          help="class-name precision@10/100 and zero-shot accuracy on a class-labelled set "
+                               "(labelled:DIR, tfds:NAME, shapes) instead of recall@K")  # fmt: skip
+    evaluate.add_argument("--prompt", action="append", default=[], metavar="TEMPLATE",
+                          help='a class-name prompt template with {} (repeatable; default: "a photo of a {}." and '
+                               "five more)")  # fmt: skip
+    evaluate.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="write a report (markdown + HTML: tables, PR curve, t-SNE, result grids) to DIR",
+    )
 
     data = commands.add_parser("data", help="inspect, preview and convert data sources")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -245,6 +302,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--target", default="images", choices=("images", "captions"), help="what to return")
     search.add_argument("--exact", action="store_true", help="exact search instead of ScaNN")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("--grid", default=None, metavar="PNG", help="also save the results as an image grid")
 
     serve = add("serve", _serve, "serve search over an index: JSON API, web UI, metrics")
     serve.add_argument("--index", default=None, help="index directory (or JAXMR_INDEX)")

@@ -295,3 +295,57 @@ class ImageFolderSource:
 
     def captions(self, index: int) -> list[str]:
         return []
+
+
+LABELLED_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
+
+
+class LabelledFolderSource:
+    """`labelled:DIR`: an ImageFolder tree, DIR/<class>/<image> — or DIR/<split>/<class>/<image> when DIR has
+    train / val (validation, dev) / test folders. The classes are the class folders' names (their union over the
+    splits, sorted, so every split numbers them alike); underscores read as spaces in prompts."""
+
+    def __init__(self, root: str | os.PathLike, split: str | None = None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"labelled folder {self.root} does not exist or is not a directory")
+        self.split = canonical_split(split)
+        self.name = f"labelled:{self.root}"
+        split_dirs = {s: next((self.root / d for d in dirs if (self.root / d).is_dir()), None)
+                      for s, dirs in LABELLED_SPLIT_DIRS.items()}  # fmt: skip
+        if any(split_dirs.values()):
+            tops = [d for d in split_dirs.values() if d is not None]
+            if self.split is None:
+                chosen = tops
+            elif split_dirs[self.split] is None:
+                raise DataError(f"{self.root} has no {self.split} folder (it has {', '.join(d.name for d in tops)})")
+            else:
+                chosen = [split_dirs[self.split]]
+        else:
+            tops = chosen = [self.root]
+        self.classes = sorted({d.name for top in tops for d in top.iterdir() if d.is_dir()})
+        if not self.classes:
+            raise DataError(f"{self.root}: no class folders (expected DIR/<class>/<image> or DIR/<split>/<class>/...)")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self._items = sorted(
+            (p, index[p.relative_to(top).parts[0]])
+            for top in chosen
+            for p in top.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and len(p.relative_to(top).parts) >= 2
+        )
+        if not self._items:
+            raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the class folders of {self.root}")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def labels(self, index: int) -> list[int]:
+        return [self._items[index][1]]
+
+    def __getitem__(self, index: int) -> Record:
+        path, label = self._items[index]
+        return {"image": str(path), "captions": [], "id": str(path.relative_to(self.root)),
+                "metadata": {"path": str(path), "label": self.classes[label]}}  # fmt: skip
+
+    def captions(self, index: int) -> list[str]:
+        return []

@@ -39,6 +39,19 @@ class Source(Protocol):
         ...
 
 
+class LabelledSource(Source, Protocol):
+    """A source whose images carry class labels (`labelled:DIR`, TFDS classification sets, the shapes world):
+    `classes` names them, `labels(i)` gives record i's class indices (several for a multi-label image)."""
+
+    classes: list[str]
+
+    def labels(self, index: int) -> list[int]: ...
+
+
+def has_labels(source: Source) -> bool:
+    return bool(getattr(source, "classes", None)) and callable(getattr(source, "labels", None))
+
+
 # Canonical split names; "val" and "dev" are the same split (Flickr8k says dev, COCO says val).
 SPLIT_ALIASES = {
     "train": "train",
@@ -83,3 +96,13 @@ class ConcatSource:
     def captions(self, index: int) -> list[str]:
         part, local = self._locate(int(index))
         return part.captions(local)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The parts' classes when they all have the same ones (see `LabelledSource`)."""
+        names = [getattr(p, "classes", None) for p in self.parts]
+        return names[0] if names and names[0] and all(n == names[0] for n in names) else None
+
+    def labels(self, index: int) -> list[int]:
+        part, local = self._locate(int(index))
+        return part.labels(local)

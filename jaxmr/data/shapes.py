@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import threading
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,14 @@ class ShapesSource:
             return _random_scene(_rng(*key, 2)), info
         scene, kind, swap = twin
         return scene, {"twin_of": index - 1, "twin_kind": kind, "twin_swap": list(swap)}
+
+    # The shape names are the classes (`jaxmr.report`): an image is labelled with every shape it shows. Its class
+    # prompts follow the captions' grammar, ensembled over every size and colour (the world's "photo styles").
+    classes: typing.ClassVar[list[str]] = list(SHAPES)
+    templates: typing.ClassVar[tuple[str, ...]] = tuple(f"a {s} {c} {{}}" for s in SIZES for c in COLORS)
+
+    def labels(self, index: int) -> list[int]:
+        return sorted({SHAPES.index(o.shape) for o in self.scene(index)[0]})
 
     def captions(self, index: int) -> list[str]:
         scene, info = self.scene(index)

@@ -5,13 +5,14 @@ captions:DIR                                              images + a captions fi
 coco:DIR                                                  COCO 2014/2017 layout
 tfds:NAME[:split][:data_dir=DIR]                          any prepared TFDS image-caption dataset
 images:DIR                                                a plain folder of images, no captions
+labelled:DIR                                              an ImageFolder tree (class folders), no captions
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSource
+from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSource, LabelledFolderSource
 from jaxmr.data.records import ConcatSource, DataError, Source, canonical_split
 from jaxmr.data.shapes import ShapesConfig, ShapesSource
 from jaxmr.data.tfds_source import TfdsSource
@@ -71,6 +72,7 @@ SOURCES: dict[str, Callable[[str, str | None], Source]] = {
     "coco": _needs_dir("coco", CocoSource),
     "tfds": _tfds,
     "images": _needs_dir("images", ImageFolderSource),
+    "labelled": _needs_dir("labelled", LabelledFolderSource),
 }
 
 

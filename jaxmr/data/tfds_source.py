@@ -63,9 +63,19 @@ class TfdsSource:
         self.dataset = name
         data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
         self._source, self._builder = _open(name, self.split, data_dir)
-        self._image_key, self._caption_key, self._id_key = _find_keys(self._builder.info.features)
+        features = self._builder.info.features
+        self._image_key, self._caption_key, self._id_key = _find_keys(features)
         if len(self._source) == 0:
             raise DataError(f"split {self.split!r} of {self.name} is empty")
+        # A classification set (imagenette, cifar10, imagenet2012, ...): its ClassLabel names the classes.
+        tfds = _tfds()
+        self._label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+        self.classes = list(features[self._label_key].names) if self._label_key else []
+
+    def labels(self, index: int) -> list[int]:
+        if self._label_key is None:
+            raise DataError(f"{self.name} has no class labels")
+        return [int(np.asarray(self._source[int(index)][self._label_key]).item())]
 
     def __len__(self) -> int:
         return len(self._source)
