@@ -86,7 +86,11 @@ def class_report(encoder: Encoder, source: Source, zimg: np.ndarray, templates=N
     return {
         "source": source.name, "n_images": len(source), "n_classes": len(classes), "templates": list(templates),
         **{f"mean_p@{k}": float(precision[f"p@{k}"].mean()) for k in ks},
-        "zero_shot_top1": shot["top1"], "zero_shot_top5": shot["top5"], "per_class": rows,
+        "zero_shot_top1": shot["top1"], "zero_shot_top5": shot["top5"],
+        # what a random ranking / a random guess scores: the share of images showing the class, per class mean;
+        # the expected top-1 accuracy of a uniformly random class
+        "chance_precision": float(labels.mean()), "chance_top1": float(labels.sum(axis=1).mean() / len(classes)),
+        "per_class": rows,
     }  # fmt: skip
 
 
@@ -230,7 +234,9 @@ def write_report(workdir: str | Path, out: str | Path, source_spec: str | None =
                f"({', '.join(f'`{t}`' for t in templates)}). Precision@K: the fraction of a class query's top K "
                "images that show the class. Zero-shot: each image is given the class whose prompts are nearest; "
                f"**top-1 accuracy {classes['zero_shot_top1']:.3f}, top-5 {classes['zero_shot_top5']:.3f}** "
-               "(an image showing several classes is right when any of them is predicted).", "",
+               "(an image showing several classes is right when any of them is predicted). Chance: precision "
+               f"{classes['chance_precision']:.3f} (the share of images showing a class), top-1 "
+               f"{classes['chance_top1']:.3f}.", "",
                class_table(classes)]  # fmt: skip
         if labelled is source:
             colour, names = np.array([source.labels(i)[0] for i in range(len(source))]), list(source.classes)
