@@ -359,7 +359,7 @@ def run_set(name: str, database: np.ndarray, queries: np.ndarray, calibration: n
         records.append(record)
         if curve is not None and built.knob:
             curve += [{"n": len(database), "d": database.shape[1], **p}
-                      for p in sweep(built, queries, truth, budget_s)]  # fmt: skip
+                      for p in sweep(built, queries, truth, budget_s / 4)]  # fmt: skip
         del built
         gc.collect()
     return records
