@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxmr.config import ComposedConfig, from_dict, load_config, save_config, to_dict
+from jaxmr.config import ComposedConfig, claim_workdir, from_dict, load_config, to_dict
 from jaxmr.data.pipeline import ImageReadError
 from jaxmr.data.triplets import TripletSource, parse_triplets
 from jaxmr.eval import composed_recall
@@ -173,12 +173,7 @@ def evaluate_split(data: TripletSplit, encoder: Encoder, composed: np.ndarray | 
 def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) -> dict[str, float]:
     """Trains the composer of `config` in `workdir` (from scratch: minutes; the gallery embeddings are reused)
     and writes the export `workdir/model`. Returns the last evaluation."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved = workdir / "config.json"
-    if saved.exists() and load_config(saved) != config:
-        raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
-    save_config(config, saved)
+    workdir = claim_workdir(config, workdir)
     encoder = load_base(config.base)
     train_data = embed_split(parse_triplets(config.data, config.train_split), encoder, workdir / "features", progress)
     val_data = embed_split(parse_triplets(config.data, config.eval_split), encoder, workdir / "features", progress)

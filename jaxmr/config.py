@@ -184,6 +184,17 @@ def load_config(path: str | Path) -> TrainConfig:
     return from_dict(json.loads(Path(path).read_text()))
 
 
+def claim_workdir(config: Any, workdir: str | Path) -> Path:
+    """Creates `workdir` and saves `config` there; a workdir holding a run with another config is refused."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / "config.json"
+    if saved.exists() and load_config(saved) != config:
+        raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
+    save_config(config, saved)
+    return workdir
+
+
 def override(config: Any, key: str, raw: str, _path: str = "") -> Any:
     """A copy of `config` with the dotted `key` set to `raw` parsed as a Python literal (or kept as a string).
 

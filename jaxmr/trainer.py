@@ -28,7 +28,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmr import losses
-from jaxmr.config import DataConfig, LossConfig, OptimConfig, TrainConfig, from_dict, load_config, save_config
+from jaxmr.config import (
+    DataConfig,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    claim_workdir,
+    from_dict,
+    load_config,
+)
 from jaxmr.data import (
     DataError,
     EvalStats,
@@ -531,12 +539,7 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics (empty if none ran)."""
     from tqdm import tqdm
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved = workdir / "config.json"
-    if saved.exists() and load_config(saved) != config:
-        raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
-    save_config(config, saved)
+    workdir = claim_workdir(config, workdir)
     mesh = make_mesh(config.mesh)
     source = parse_source(config.data.source, config.data.train_split)
     tokenizer = build_tokenizer(config.data, source, workdir, config.init_from)
