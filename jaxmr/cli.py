@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from jaxmr import distributed
 from jaxmr.data.records import DataError
 
 SPEC_HELP = "source spec: shapes[:n=10000,size=64,seed=0], captions:DIR, coco:DIR, tfds:NAME[:split], images:DIR"
@@ -156,8 +157,11 @@ def _index_build(args: argparse.Namespace) -> None:
         captions=not args.no_captions, chunk=args.chunk, batch_size=args.batch_size, dtype=args.dtype,
         ann=AnnConfig.from_spec(args.ann),
     )  # fmt: skip
+    distributed.initialize(args)  # before anything asks JAX for devices
     start = time.perf_counter()
     searcher = build_index(args.workdir, args.source, args.out, args.split, options, progress=not args.no_progress)
+    if searcher is None:  # another process of a multi-process build; process 0 reports
+        return
     m = searcher.manifest
     captions = m["captions"]["count"] if m["captions"] else 0
     print(
@@ -293,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--ann", action="append", default=[], metavar="KEY=VALUE",
                        help="ScaNN setting, e.g. method=tree_ah, leaves_to_search=64, reorder=256")  # fmt: skip
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(build)
     info_index = add("info", _index_info, "print an index's manifest", index_commands)
     info_index.add_argument("index", help="index directory")
     search = add("search", _index_search, "search an index with a text query", index_commands)

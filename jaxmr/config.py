@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -177,21 +178,27 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    """Writes the config as JSON, atomically (another process may be reading the file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load_config(path: str | Path) -> TrainConfig:
     return from_dict(json.loads(Path(path).read_text()))
 
 
-def claim_workdir(config: Any, workdir: str | Path) -> Path:
-    """Creates `workdir` and saves `config` there; a workdir holding a run with another config is refused."""
+def claim_workdir(config: Any, workdir: str | Path, write: bool = True) -> Path:
+    """Creates `workdir` and saves `config` there (`write`: in a multi-process run only process 0 writes); a
+    workdir holding a run with another config is refused."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     saved = workdir / "config.json"
     if saved.exists() and load_config(saved) != config:
         raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
-    save_config(config, saved)
+    if write:
+        save_config(config, saved)
     return workdir
 
 

@@ -77,15 +77,20 @@ def fingerprint(params: dict, config: TrainConfig) -> str:
 
 def export_model(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> str:
     """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint. A composed
-    run exports its base model with the composer (`jaxmr.composed`)."""
-    from jaxmr import composed
+    run exports its base model with the composer (`jaxmr.composed`).
+
+    In a multi-process run every process calls this (the checkpoint is restored collectively) and process 0
+    writes; the others return ""."""
+    from jaxmr import composed, distributed
     from jaxmr.trainer import load_run
 
     if composed.is_composed_run(workdir):
         return composed.export_composed(workdir, out)
 
     config, _, state, tokenizer = load_run(workdir, step)
-    params = jax.tree.map(np.asarray, state.params)
+    params = distributed.to_host(state.params)
+    if not distributed.is_primary():
+        return ""
     return write_export(out, config, params, tokenizer, int(state.step), workdir=str(Path(workdir).resolve()))
 
 
@@ -152,7 +157,7 @@ class Encoder:
         self.image_size = config.data.image_size
         self.embed_dim = config.model.embed_dim
         self.buckets = tuple(sorted(set(buckets)))
-        self.mesh = mesh or make_mesh()
+        self.mesh = mesh or make_mesh(devices=jax.local_devices())  # a multi-process build encodes locally
         graphdef, abstract, _ = model_graph(config.model)
         if jax.tree.structure(abstract) != jax.tree.structure(params):
             raise ModelMismatchError("the exported parameters do not match the model config's structure")

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import jaxmr
+from jaxmr import distributed
 from jaxmr.data import caption_table, parse_source
 from jaxmr.data.pipeline import ImageReadError, center_square, load_image
 from jaxmr.export import Encoder, ModelMismatchError, export_model, read_export_meta
@@ -62,6 +63,10 @@ class InvalidIndexError(ValueError):
     """A missing, malformed or incompatible index directory."""
 
 
+class ReadOnlyIndexError(InvalidIndexError):
+    """An add or delete on an index that cannot change in place (one built with SOAR spilling)."""
+
+
 # ------------------------------------------------------------------------------------------- ScaNN config
 
 
@@ -73,29 +78,49 @@ class AnnConfig:
     num_leaves: int = 0  # tree_ah: 0 -> about sqrt(N)
     leaves_to_search: int = 0  # tree_ah: 0 -> calibrated at build time to reach `target_recall`
     reorder: int = 256  # ah, tree_ah: candidates re-scored exactly (at least k)
-    dims_per_block: int = 2  # ah: dimensions per 4-bit code
+    dims_per_block: int = 0  # ah: dimensions per 4-bit code; 0 -> 4 for a tree over >= 128-d vectors, else 2
     quantization_threshold: float = 0.2  # ah: anisotropic loss threshold for unit-norm data
     training_sample_size: int = 100_000  # tree_ah: vectors the partitioner trains on
+    # tree_ah: SOAR spilling (each vector also in a second leaf with orthogonal error), e.g. 1.5: faster at the
+    # same recall, but the index can no longer take adds and deletes (see `Collection.check_mutable`). 0: off.
+    soar_lambda: float = 0.0
+    overretrieve_factor: float = 2.0  # tree_ah with SOAR: how far the second leaf may be from the best
     target_recall: float = 0.96  # tree_ah calibration: recall@10 vs exact on sample queries (0.95 + a margin)
 
     def __post_init__(self) -> None:
         methods = ("auto", "brute_force", "ah", "tree_ah", "exact")
         if self.method not in methods:
             raise ValueError(f"ann.method must be one of {', '.join(methods)}, got {self.method!r}")
-        if min(self.num_leaves, self.leaves_to_search) < 0 or self.reorder < 1 or self.dims_per_block < 1:
+        if min(self.num_leaves, self.leaves_to_search, self.dims_per_block, self.soar_lambda) < 0 or self.reorder < 1:
             raise ValueError(f"ann parameters out of range: {self}")
+        if self.soar_lambda > 0 and self.overretrieve_factor < 1:
+            raise ValueError(f"ann.overretrieve_factor must be at least 1, got {self.overretrieve_factor}")
 
-    def resolve(self, n: int) -> AnnConfig:
-        """Concrete parameters for `n` vectors: method, leaves and leaves to search filled in."""
+    def resolve(self, n: int, d: int = 0) -> AnnConfig:
+        """Concrete parameters for `n` vectors of `d` dimensions: method, leaves and leaves to search, code size.
+
+        A tree over >= 128-d vectors scores with 4 dimensions per 4-bit code (at 32-d, 8 such codes are too
+        coarse for the 256 re-scored candidates to recover recall 0.96): on 1M x 256 text->image search (with
+        the modality gap) that halves the scoring cost against 2, and the 256 candidates re-scored exactly keep
+        recall@10 at 0.96 with the same 333 of 1,000 leaves (one run: p50 0.78 vs 1.43 ms, batch-1024 3,609
+        vs 2,054 q/s; bench/results/README.md). SOAR would need only 125 leaves, but makes the index build-once."""
         method = self.method
         if method == "auto":
             method = "brute_force" if n < BRUTE_FORCE_BELOW else "ah" if n < TREE_FROM else "tree_ah"
+        dims = self.dims_per_block or (4 if method == "tree_ah" and d >= 128 else 2)
         if method != "tree_ah":
-            return dataclasses.replace(self, method=method, num_leaves=0, leaves_to_search=0)
+            return dataclasses.replace(self, method=method, num_leaves=0, leaves_to_search=0, dims_per_block=dims,
+                                       soar_lambda=0.0)  # fmt: skip
         leaves = self.num_leaves or max(round(math.sqrt(n)), 1)
         # A starting point only: `Collection.create` calibrates leaves_to_search on sample queries.
         search = self.leaves_to_search or min(leaves, max(leaves // 16, 16))
-        return dataclasses.replace(self, method=method, num_leaves=leaves, leaves_to_search=min(search, leaves))
+        return dataclasses.replace(self, method=method, num_leaves=leaves, leaves_to_search=min(search, leaves),
+                                   dims_per_block=dims)  # fmt: skip
+
+    @classmethod
+    def from_manifest(cls, saved: dict[str, Any]) -> AnnConfig:
+        """The config an index was built with (indexes from before SOAR was a setting were built without it)."""
+        return cls(**{"soar_lambda": 0.0, **saved})
 
     @classmethod
     def from_spec(cls, items: Sequence[str]) -> AnnConfig:
@@ -126,10 +151,12 @@ def build_scann(embeddings: np.ndarray, ids: np.ndarray, config: AnnConfig):
         config = dataclasses.replace(config, method="brute_force")
     builder = scann.scann_ops_pybind.builder(data, 10, "dot_product")
     if config.method == "tree_ah":
+        soar = {"soar_lambda": config.soar_lambda, "overretrieve_factor": config.overretrieve_factor}
         builder = builder.tree(
             num_leaves=config.num_leaves,
             num_leaves_to_search=config.leaves_to_search,
             training_sample_size=min(config.training_sample_size, len(data)),
+            **(soar if config.soar_lambda > 0 else {}),
         )
     if config.method in ("ah", "tree_ah"):
         builder = builder.score_ah(
@@ -245,7 +272,7 @@ class Collection:
         embeddings for an image index) is chosen; without queries, the collection's own vectors stand in and the
         choice is doubled, since cross-modal queries (the modality gap) need more leaves than same-modality ones.
         """
-        resolved = ann.resolve(len(ids))
+        resolved = ann.resolve(len(ids), embeddings.shape[1] if embeddings.ndim == 2 else 0)
         collection = cls(ids, embeddings, meta, resolved, build_scann(embeddings, ids, resolved))
         if resolved.method == "tree_ah" and ann.leaves_to_search == 0:
             collection._calibrate(queries)
@@ -325,10 +352,20 @@ class Collection:
             raise KeyError(f"unknown id {int(np.asarray(ids)[rows < 0][0])}")
         return np.asarray(self.embeddings[rows], np.float32)
 
+    def check_mutable(self) -> None:
+        """Raises ReadOnlyIndexError where ScaNN cannot update the searcher in place: its delete crashes the
+        process (segfault, ScaNN 1.4) on a tree built with SOAR spilling, so such an index is build-once."""
+        if self.scann is not None and self.ann.method == "tree_ah" and self.ann.soar_lambda > 0:
+            raise ReadOnlyIndexError(
+                "this index was built with SOAR spilling (ann.soar_lambda > 0), which ScaNN cannot update in "
+                "place; rebuild it with the new images, or build it with soar_lambda=0 to allow adds and deletes"
+            )
+
     def added(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table) -> Collection:
         """A new collection with these rows added (ScaNN upsert: no rebuild)."""
         if len(ids) == 0:
             return self
+        self.check_mutable()
         embeddings = embeddings.astype(self.embeddings.dtype)
         scann = self.scann
         if scann is not None:
@@ -348,6 +385,7 @@ class Collection:
         gone = np.unique(self.ids[rows[rows >= 0]])
         if len(gone) == 0:
             return self
+        self.check_mutable()
         if self.scann is not None:
             self.scann.delete([int(i) for i in gone])
             return Collection(self.ids, self.embeddings, self.meta, self.ann, self.scann)._reorder()
@@ -457,6 +495,11 @@ class _State:
     images: Collection
     captions: Collection | None
 
+    def check_mutable(self) -> None:
+        for collection in (self.images, self.captions):
+            if collection is not None:
+                collection.check_mutable()
+
 
 class Searcher:
     """A loaded index: batched search over images and captions, and add / delete without a rebuild.
@@ -492,10 +535,12 @@ class Searcher:
                     raise InvalidIndexError(
                         f"{self.path}: index format {manifest.get('format')!r}, expected {INDEX_FORMAT}"
                     )
-                images = Collection.load(version / "images", AnnConfig(**manifest["images"]["ann"]))
+                images = Collection.load(version / "images", AnnConfig.from_manifest(manifest["images"]["ann"]))
                 captions = None
                 if manifest.get("captions"):
-                    captions = Collection.load(version / "captions", AnnConfig(**manifest["captions"]["ann"]))
+                    captions = Collection.load(
+                        version / "captions", AnnConfig.from_manifest(manifest["captions"]["ann"])
+                    )
                 return _State(version, manifest, images, captions)
             except FileNotFoundError:
                 continue
@@ -574,6 +619,7 @@ class Searcher:
         pixels = np.stack([center_square(pil, encoder.image_size) for pil in decoded]) if decoded else None
         with self._lock, _writer_lock(self.path):
             state = self._load()
+            state.check_mutable()  # before any file is written
             first = int(state.manifest["next_image_id"])
             ids = np.arange(first, first + len(images), dtype=np.int64)
             rows = []
@@ -604,6 +650,8 @@ class Searcher:
         with self._lock, _writer_lock(self.path):
             state = self._load()
             rows = state.images.rows_of(ids)
+            if (rows >= 0).any():
+                state.check_mutable()
             present = [int(i) for i in np.unique(np.asarray(ids, np.int64)[rows >= 0])]
             if not present:
                 return 0
@@ -711,35 +759,39 @@ def build_index(
     split: str | None = None,
     options: BuildOptions = BuildOptions(),
     progress: bool = True,
-) -> Searcher:
+) -> Searcher | None:
     """Embeds every image (and caption) of a source with a trained model and writes a searchable index.
 
     `model` is a training run directory or a model export. Work is saved in chunks under OUT/.build, so an
-    interrupted build continues where it stopped when called again with the same arguments."""
+    interrupted build continues where it stopped when called again with the same arguments.
+
+    In a multi-process run (`jax.distributed`, OUT on a filesystem they share) process p embeds the chunks
+    c with c % processes == p on its own devices, and process 0 merges them into the index and returns its
+    Searcher; the others return None once it is written."""
     out = Path(out)
-    with _writer_lock(out):
-        if current_version(out) is not None:
-            raise InvalidIndexError(f"{out} already holds an index; choose a new --out, or delete it to rebuild")
+    primary = distributed.is_primary()
+    if current_version(out) is not None:
+        raise InvalidIndexError(f"{out} already holds an index; choose a new --out, or delete it to rebuild")
+    with _writer_lock(out) if primary else contextlib.nullcontext():
         model_dir = out / "model"
         work = out / ".build"
-        meta = _ensure_model(Path(model), model_dir)
         source = parse_source(source_spec, split)
-        plan = {
-            "fingerprint": meta["fingerprint"], "source": source_spec, "split": source.split, "n": len(source),
-            "chunk": options.chunk, "captions": options.captions,
-        }  # fmt: skip
-        if (work / "plan.json").exists():
-            previous = json.loads((work / "plan.json").read_text())
-            if previous != plan:
-                raise InvalidIndexError(
-                    f"{work} holds an unfinished build of something else ({previous}); delete {out} to start over"
-                )
-        work.mkdir(exist_ok=True)
-        (work / "plan.json").write_text(json.dumps(plan) + "\n")
+        index, count = distributed.share()
+        if count > 1 and not model_dir.exists() and not (Path(model) / "params.npz").exists():
+            export_model(model, model_dir)  # a run's checkpoint: restored by all processes together
+        if primary:
+            _plan_build(Path(model), model_dir, work, source, source_spec, options)
+        distributed.barrier("index: planned")
         encoder = Encoder.load(model_dir)
-        _embed_images(source, encoder, out, work, options, progress)
+        share = (index, count)
+        _embed_images(source, encoder, out, work, options, progress and primary, share)
         texts, owners = caption_table(source) if options.captions else ([], np.zeros(0, np.int32))
-        _embed_captions(texts, encoder, work, options, progress)
+        _embed_captions(texts, encoder, work, options, progress and primary, share)
+        distributed.barrier("index: embedded")
+        if not primary:
+            distributed.barrier("index: written")
+            return None
+        meta = read_export_meta(model_dir)
 
         chunks = [np.load(p) for p in sorted(work.glob("images-*.npz"))]
         valid = np.concatenate([c["valid"] for c in chunks])
@@ -764,7 +816,25 @@ def build_index(
         source_info = {"spec": source_spec, "split": source.split or "all", "unreadable": int((~valid).sum())}
         _write_manifest(out, meta, images, captions, source_info, options.dtype, len(source), len(texts))
         shutil.rmtree(work)
+        distributed.barrier("index: written")
     return Searcher(out, encoder)
+
+
+def _plan_build(model: Path, model_dir: Path, work: Path, source, source_spec: str, options: BuildOptions) -> None:
+    """The model copied into the index and the build's plan written (or checked, when resuming)."""
+    meta = _ensure_model(model, model_dir)
+    plan = {
+        "fingerprint": meta["fingerprint"], "source": source_spec, "split": source.split, "n": len(source),
+        "chunk": options.chunk, "captions": options.captions,
+    }  # fmt: skip
+    if (work / "plan.json").exists():
+        previous = json.loads((work / "plan.json").read_text())
+        if previous != plan:
+            raise InvalidIndexError(
+                f"{work} holds an unfinished build of something else ({previous}); delete {work.parent} to start over"
+            )
+    work.mkdir(exist_ok=True)
+    (work / "plan.json").write_text(json.dumps(plan) + "\n")
 
 
 def _write_manifest(
@@ -847,14 +917,19 @@ def _ensure_model(model: Path, model_dir: Path) -> dict[str, Any]:
     return read_export_meta(model_dir)
 
 
-def _embed_images(source, encoder: Encoder, out: Path, work: Path, options: BuildOptions, progress: bool) -> None:
+def _embed_images(
+    source, encoder: Encoder, out: Path, work: Path, options: BuildOptions, progress: bool,
+    share: tuple[int, int] = (0, 1),
+) -> None:  # fmt: skip
+    """Chunks c of the source's images with c % share[1] == share[0] embedded into work/images-c.npz."""
     n, size = len(source), encoder.image_size
-    n_chunks = math.ceil(n / options.chunk)
-    todo = [c for c in range(n_chunks) if not (work / f"images-{c:05d}.npz").exists()]
-    if len(todo) < n_chunks:
-        log.info("resuming: %d of %d image chunks already embedded", n_chunks - len(todo), n_chunks)
-    done = sum(min(options.chunk, n - c * options.chunk) for c in range(n_chunks) if c not in todo)
-    bar = tqdm(total=n, initial=done, unit="img", desc="embedding images", disable=not progress, smoothing=0.1)
+    mine = [c for c in range(math.ceil(n / options.chunk)) if c % share[1] == share[0]]
+    todo = [c for c in mine if not (work / f"images-{c:05d}.npz").exists()]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of %d image chunks already embedded", len(mine) - len(todo), len(mine))
+    total = sum(min(options.chunk, n - c * options.chunk) for c in mine)
+    done = sum(min(options.chunk, n - c * options.chunk) for c in mine if c not in todo)
+    bar = tqdm(total=total, initial=done, unit="img", desc="embedding images", disable=not progress, smoothing=0.1)
     with concurrent.futures.ThreadPoolExecutor(options.read_threads) as pool:
         for c in todo:
             start, stop = c * options.chunk, min(n, (c + 1) * options.chunk)
@@ -874,11 +949,15 @@ def _embed_images(source, encoder: Encoder, out: Path, work: Path, options: Buil
     bar.close()
 
 
-def _embed_captions(texts: list[str], encoder: Encoder, work: Path, options: BuildOptions, progress: bool) -> None:
+def _embed_captions(
+    texts: list[str], encoder: Encoder, work: Path, options: BuildOptions, progress: bool,
+    share: tuple[int, int] = (0, 1),
+) -> None:  # fmt: skip
     chunk = options.chunk * 4
-    n_chunks = math.ceil(len(texts) / chunk)
-    bar = tqdm(total=len(texts), unit="caption", desc="embedding captions", disable=not progress or not texts)
-    for c in range(n_chunks):
+    mine = [c for c in range(math.ceil(len(texts) / chunk)) if c % share[1] == share[0]]
+    total = sum(len(texts[c * chunk : (c + 1) * chunk]) for c in mine)
+    bar = tqdm(total=total, unit="caption", desc="embedding captions", disable=not progress or not texts)
+    for c in mine:
         part = texts[c * chunk : (c + 1) * chunk]
         path = work / f"captions-{c:05d}.npy"
         if not path.exists():

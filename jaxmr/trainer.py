@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmr import losses
+from jaxmr import distributed, losses
 from jaxmr.config import (
     DataConfig,
     LossConfig,
@@ -328,8 +328,18 @@ def init_state(trainable: Trainable) -> TrainState:
 
 
 def build_tokenizer(config: DataConfig, source: Source, workdir: Path, init_from: str = "") -> Tokenizer:
-    """The run's tokenizer: loaded from the workdir when it is there, else made and saved there."""
+    """The run's tokenizer: loaded from the workdir when it is there, else made and saved there (in a
+    multi-process run process 0 makes it and the others load it)."""
     path = workdir / "tokenizer"
+    if not distributed.is_primary():
+        distributed.barrier("tokenizer")
+        return load_tokenizer(path)
+    tokenizer = _make_tokenizer(config, source, path, init_from)
+    distributed.barrier("tokenizer")
+    return tokenizer
+
+
+def _make_tokenizer(config: DataConfig, source: Source, path: Path, init_from: str) -> Tokenizer:
     if (path / "tokenizer_meta.json").exists():
         return load_tokenizer(path)
     if init_from:  # an imported or exported model brings its own tokenizer
@@ -481,10 +491,13 @@ class Checkpoints:
 
 
 class MetricsWriter:
-    """Metrics as JSON lines (workdir/metrics.jsonl) and TensorBoard events (workdir/tensorboard)."""
+    """Metrics as JSON lines (workdir/metrics.jsonl) and TensorBoard events (workdir/tensorboard); only process
+    0 of a multi-process run writes (`enabled`)."""
 
-    def __init__(self, workdir: Path):
-        self.path = workdir / "metrics.jsonl"
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.path, self.enabled, self.tb = workdir / "metrics.jsonl", enabled, None
+        if not enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -493,6 +506,8 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
         values = {f"{prefix}{k}": float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
@@ -539,7 +554,7 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics (empty if none ran)."""
     from tqdm import tqdm
 
-    workdir = claim_workdir(config, workdir)
+    workdir = claim_workdir(config, workdir, write=distributed.is_primary())
     mesh = make_mesh(config.mesh)
     source = parse_source(config.data.source, config.data.train_split)
     tokenizer = build_tokenizer(config.data, source, workdir, config.init_from)
@@ -566,11 +581,12 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
                               config.eval_batch_size)  # fmt: skip
     if data_state is not None:
         iterator.set_state(data_state)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, enabled=distributed.is_primary())
     start = int(state.step)
     last_eval: dict = {}
     end = min(config.steps, stop_at_step or config.steps)
-    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not progress or not distributed.is_primary())  # fmt: skip
     try:
         with jax.set_mesh(mesh), _Stop() as stop:
             timer, seen = time.perf_counter(), 0
@@ -593,10 +609,11 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
                     writer.write(step, eval_metrics, "eval/")
                     log.info("step %d: %s", step, _summary(eval_metrics))
                     timer, seen = time.perf_counter(), 0
-                if step % config.checkpoint_every == 0 or final or stop.requested:
+                stopping = distributed.any_process(stop.requested)  # a signal to one process stops them all
+                if step % config.checkpoint_every == 0 or final or stopping:
                     checkpoints.save(step, state, iterator.get_state(), eval_metrics)
                 bar.update(1)
-                if stop.requested:
+                if stopping:
                     break
     finally:
         bar.close()

@@ -77,9 +77,15 @@ def test_jax_exact_search_by_hand_and_against_numpy():
 def test_auto_config_follows_scann_advice():
     assert AnnConfig().resolve(5_000).method == "brute_force"
     assert AnnConfig().resolve(50_000).method == "ah"
-    big = AnnConfig().resolve(1_000_000)
+    big = AnnConfig().resolve(1_000_000, 256)
     assert (big.method, big.num_leaves) == ("tree_ah", 1000)
     assert 16 <= big.leaves_to_search <= big.num_leaves
+    assert (big.dims_per_block, big.soar_lambda) == (4, 0.0)  # 4-bit codes of 4 dimensions; SOAR only on request
+    assert AnnConfig().resolve(10**6, 64).dims_per_block == AnnConfig().resolve(50_000, 256).dims_per_block == 2
+    assert AnnConfig(dims_per_block=1).resolve(10**6, 256).dims_per_block == 1
+    assert AnnConfig.from_manifest({"method": "tree_ah", "dims_per_block": 2}).soar_lambda == 0.0  # older indexes
+    with pytest.raises(ValueError, match="overretrieve_factor"):
+        AnnConfig(soar_lambda=1.5, overretrieve_factor=0.5)
     assert AnnConfig(method="tree_ah", num_leaves=40, leaves_to_search=8).resolve(10).leaves_to_search == 8
     assert AnnConfig.from_spec(["method=tree_ah", "ann.reorder=64"]) == AnnConfig(method="tree_ah", reorder=64)
     with pytest.raises(ValueError, match="key in"):
@@ -257,6 +263,30 @@ def test_interrupted_build_resumes_with_identical_embeddings(smoke_run, tmp_path
     for name in ("images/embeddings.npy", "images/ids.npy", "captions/embeddings.npy"):
         np.testing.assert_array_equal(np.load(out / "current" / name), np.load(tmp_path / "whole" / "current" / name))
     assert not (out / ".build").exists()
+
+
+def test_soar_tree_is_faster_to_search_but_refuses_changes():
+    """SOAR needs fewer leaves for the same recall; ScaNN's delete crashes on its trees, so changes are refused
+    with a clear error before ScaNN is touched."""
+    import pyarrow as pa
+
+    from bench.common import clustered_vectors
+    from jaxmr.index import ReadOnlyIndexError
+
+    database, text, _ = clustered_vectors(20_000, 32, n_queries=600, seed=3)
+    ids = np.arange(len(database), dtype=np.int64)
+    plain = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah"), queries=text[:300])
+    soar = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah", soar_lambda=1.5),
+                             queries=text[:300])  # fmt: skip
+    assert soar.ann.leaves_to_search <= plain.ann.leaves_to_search
+    truth = exact_search(database, text[300:], 10)[0]
+    assert recall(soar.search(text[300:], 10)[0], truth) >= 0.93
+    with pytest.raises(ReadOnlyIndexError, match="SOAR"):
+        soar.removed([0, 1])
+    with pytest.raises(ReadOnlyIndexError, match="SOAR"):
+        soar.added(np.array([99_999]), database[:1], pa.table({"id": np.array([99_999])}))
+    assert len(soar) == 20_000 and soar.removed([123_456]) is soar  # unknown ids: nothing to change, no error
+    plain.removed([0, 1])  # the default tree takes changes
 
 
 def test_tree_calibrates_leaves_on_the_queries_it_will_answer():

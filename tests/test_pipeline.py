@@ -144,13 +144,17 @@ def test_sharded_global_batches_on_8_devices(shapes, tokenizer):
 
 
 def test_per_process_slices_partition_the_data(shapes, tokenizer):
-    config = PipelineConfig(batch_size=16, image_size=32, num_epochs=1)
-    seen = []
-    for process in range(2):
-        batches = _take(train_iterator(shapes, tokenizer, config, process_index=process, process_count=2), 6)
-        assert all(len(b["index"]) == 8 for b in batches)
-        seen.append(set(np.concatenate([b["index"] for b in batches]).tolist()))
+    """Two processes read disjoint halves, and their halves side by side are the one-process batches, pixels,
+    crops and caption choices included (so a 2-process run trains on exactly the same batches)."""
+    config = PipelineConfig(batch_size=16, image_size=32, num_epochs=1, crop_scale=(0.5, 1.0))
+    halves = [_take(train_iterator(shapes, tokenizer, config, process_index=p, process_count=2), 6) for p in (0, 1)]
+    assert all(len(b["index"]) == 8 for part in halves for b in part)
+    seen = [set(np.concatenate([b["index"] for b in part]).tolist()) for part in halves]
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(96))
+    whole = _take(train_iterator(shapes, tokenizer, config, process_index=0, process_count=1), 6)
+    for one, first, second in zip(whole, *halves, strict=True):
+        for key in ("index", "image", "text"):
+            np.testing.assert_array_equal(one[key], np.concatenate([first[key], second[key]]))
     with pytest.raises(ValueError, match="not divisible"):
         train_iterator(shapes, tokenizer, PipelineConfig(batch_size=15), process_index=0, process_count=2)
 

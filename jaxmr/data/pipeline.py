@@ -1,8 +1,9 @@
 """The grain input pipeline: random-access source -> batches of global `jax.Array`s sharded over the mesh.
 
-Training:   source -> shuffle (seeded, new order each epoch) -> per-process slice -> decode + resize /
-            random-resized-crop -> one random caption per image, tokenized -> batch, dropping unreadable
-            images  [all of this in worker processes, when there are workers]
+Training:   source -> shuffle (seeded, new order each epoch) -> decode + resize / random-resized-crop (keyed
+            by global position) -> one random caption per image, tokenized -> this process's rows of each
+            global batch -> batch, dropping unreadable images  [all of this in worker processes, when there
+            are workers]
             -> warn and count the unreadable images -> global arrays  [main process]
 Evaluation: every image once and every caption once, in order, padded to full batches with a mask.
 
@@ -125,6 +126,27 @@ class Ungroup(grain.MapDataset):
 
     def __str__(self) -> str:
         return f"Ungroup(size={self._size})"
+
+
+class ProcessRows(grain.MapDataset):
+    """One process's share of every global batch: element j is row `index * local + j % local` of global batch
+    `j // local` (local = batch_size / count), so process p holds rows [p * local, (p + 1) * local)."""
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, index: int, count: int):
+        super().__init__(parent)
+        self._batch, self._local, self._index = batch_size, batch_size // count, index
+
+    def __len__(self) -> int:
+        return min(len(self._parent) // self._batch * self._local, sys.maxsize)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._batch + self._index * self._local + row]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(batch={self._batch}, rows {self._index * self._local}..+{self._local})"
 
 
 class TrainExample(grain.transforms.RandomMap):
@@ -289,10 +311,14 @@ def train_iterator(
     dataset = grain.MapDataset.range(len(source) // group).seed(config.seed).shuffle().repeat(config.num_epochs)
     if group > 1:  # hard negatives stored side by side stay side by side (a trailing partial group is left out)
         dataset = Ungroup(dataset, group)
-    dataset = dataset[process_index::process_count]
+    # Augmentation is keyed by the global position, and each process takes its own rows of every global batch:
+    # the processes together read exactly the batches one process would, in the same order.
+    dataset = dataset.random_map(TrainExample(source, tokenizer, config))
     local_batch = config.batch_size // process_count
+    if process_count > 1:
+        dataset = ProcessRows(dataset, config.batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2 * local_batch)
-    dataset = dataset.random_map(TrainExample(source, tokenizer, config)).to_iter_dataset(read)
+    dataset = dataset.to_iter_dataset(read)
     dataset = ReadableBatches(dataset, local_batch)
     dataset = _in_workers(dataset, config.num_workers, config.worker_buffer_size)
     return TrainIterator(dataset, data_sharding(mesh, data_axes) if mesh is not None else None)
