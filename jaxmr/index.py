@@ -57,14 +57,13 @@ TARGETS = ("images", "captions")
 # with exact re-scoring for mid-sized ones, and a partitioning tree in front of that above ~100k.
 BRUTE_FORCE_BELOW = 20_000
 TREE_FROM = 100_000
+SOAR_FROM = 500_000  # auto: trees over this many vectors spill with SOAR (measured: slower at 100k, faster at 1M)
+SOAR_LAMBDA = 1.5
+MAX_TOMBSTONES = 1024  # SOAR trees: deleted vectors left in the searcher (and filtered out) before a rebuild
 
 
 class InvalidIndexError(ValueError):
     """A missing, malformed or incompatible index directory."""
-
-
-class ReadOnlyIndexError(InvalidIndexError):
-    """An add or delete on an index that cannot change in place (one built with SOAR spilling)."""
 
 
 # ------------------------------------------------------------------------------------------- ScaNN config
@@ -81,9 +80,10 @@ class AnnConfig:
     dims_per_block: int = 0  # ah: dimensions per 4-bit code; 0 -> 4 for a tree over >= 128-d vectors, else 2
     quantization_threshold: float = 0.2  # ah: anisotropic loss threshold for unit-norm data
     training_sample_size: int = 100_000  # tree_ah: vectors the partitioner trains on
-    # tree_ah: SOAR spilling (each vector also in a second leaf with orthogonal error), e.g. 1.5: faster at the
-    # same recall, but the index can no longer take adds and deletes (see `Collection.check_mutable`). 0: off.
-    soar_lambda: float = 0.0
+    # tree_ah: SOAR spilling (each vector also in a second leaf with orthogonal error), e.g. 1.5: fewer leaves
+    # for the same recall. 0: off; -1: auto (SOAR_LAMBDA from SOAR_FROM vectors). Deletes become tombstones
+    # (see `Collection.removed`).
+    soar_lambda: float = -1.0
     overretrieve_factor: float = 2.0  # tree_ah with SOAR: how far the second leaf may be from the best
     target_recall: float = 0.96  # tree_ah calibration: recall@10 vs exact on sample queries (0.95 + a margin)
 
@@ -91,8 +91,10 @@ class AnnConfig:
         methods = ("auto", "brute_force", "ah", "tree_ah", "exact")
         if self.method not in methods:
             raise ValueError(f"ann.method must be one of {', '.join(methods)}, got {self.method!r}")
-        if min(self.num_leaves, self.leaves_to_search, self.dims_per_block, self.soar_lambda) < 0 or self.reorder < 1:
+        if min(self.num_leaves, self.leaves_to_search, self.dims_per_block) < 0 or self.reorder < 1:
             raise ValueError(f"ann parameters out of range: {self}")
+        if self.soar_lambda < 0 and self.soar_lambda != -1:
+            raise ValueError(f"ann.soar_lambda must be -1 (auto), 0 (off) or positive, got {self.soar_lambda}")
         if self.soar_lambda > 0 and self.overretrieve_factor < 1:
             raise ValueError(f"ann.overretrieve_factor must be at least 1, got {self.overretrieve_factor}")
 
@@ -103,7 +105,8 @@ class AnnConfig:
         coarse for the 256 re-scored candidates to recover recall 0.96): on 1M x 256 text->image search (with
         the modality gap) that halves the scoring cost against 2, and the 256 candidates re-scored exactly keep
         recall@10 at 0.96 with the same 333 of 1,000 leaves (one run: p50 0.78 vs 1.43 ms, batch-1024 3,609
-        vs 2,054 q/s; bench/results/README.md). SOAR would need only 125 leaves, but makes the index build-once."""
+        vs 2,054 q/s; bench/results/README.md). From SOAR_FROM vectors, SOAR spilling: at 1M x 256 it needs 125
+        leaves instead of 333 for the same recall (p50 0.62 vs 0.97 ms); at 100k it was slower (0.10 vs 0.08 ms)."""
         method = self.method
         if method == "auto":
             method = "brute_force" if n < BRUTE_FORCE_BELOW else "ah" if n < TREE_FROM else "tree_ah"
@@ -114,8 +117,9 @@ class AnnConfig:
         leaves = self.num_leaves or max(round(math.sqrt(n)), 1)
         # A starting point only: `Collection.create` calibrates leaves_to_search on sample queries.
         search = self.leaves_to_search or min(leaves, max(leaves // 16, 16))
+        soar = self.soar_lambda if self.soar_lambda >= 0 else SOAR_LAMBDA if n >= SOAR_FROM else 0.0
         return dataclasses.replace(self, method=method, num_leaves=leaves, leaves_to_search=min(search, leaves),
-                                   dims_per_block=dims)  # fmt: skip
+                                   dims_per_block=dims, soar_lambda=soar)  # fmt: skip
 
     @classmethod
     def from_manifest(cls, saved: dict[str, Any]) -> AnnConfig:
@@ -250,8 +254,8 @@ class JaxExactSearch:
 class Collection:
     """One modality's vectors: ids (int64 [N]), embeddings ([N, E]), metadata rows, and the searcher.
 
-    The three arrays stay in ScaNN's internal order, which a delete changes (ScaNN moves the last point into
-    the freed slot); `_reorder` follows it after every change.
+    The searcher may hold more vectors than the arrays: on a SOAR tree a delete leaves a tombstone (ScaNN 1.4's
+    delete crashes the process on such trees), which searches skip; `tombstones` counts them.
     """
 
     def __init__(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig, scann=None):
@@ -308,6 +312,11 @@ class Collection:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def tombstones(self) -> int:
+        """Deleted vectors still inside the searcher (searches fetch this many more and drop them)."""
+        return max(len(self.scann.docids) - len(self.ids), 0) if self.scann is not None else 0
+
     def rows_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row of each id; -1 where the id is not in the collection."""
         ids = np.asarray(ids, np.int64).reshape(-1)
@@ -329,15 +338,24 @@ class Collection:
         return self._search_ann(queries, min(k, len(self.ids)), self.ann.leaves_to_search or None)
 
     def _search_ann(self, queries: np.ndarray, k: int, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
-        pre = max(k, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
+        dead = self.tombstones
+        fetch = k + dead  # every tombstone could be among the best k
+        pre = max(fetch, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
         # Spread over the cores: 1.6x the throughput of `search_batched` at 1,024 queries on 2 cores, the same
         # for one query.
         per_thread = min(256, max(1, -(-len(queries) // (os.cpu_count() or 1))))
         ids, scores = self.scann.search_batched_parallel(
-            queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves,
+            queries, final_num_neighbors=fetch, pre_reorder_num_neighbors=pre, leaves_to_search=leaves,
             batch_size=per_thread,
         )  # fmt: skip
-        return np.asarray(ids, np.int64).reshape(len(queries), -1), np.asarray(scores, np.float32)
+        ids = np.asarray(ids, np.int64).reshape(len(queries), -1)
+        scores = np.asarray(scores, np.float32).reshape(ids.shape)
+        if dead == 0 or ids.size == 0:
+            return ids, scores
+        live = (self.rows_of(ids) >= 0).reshape(ids.shape)
+        keep = np.argsort(~live, axis=1, kind="stable")  # live results first, each group best first
+        width = min(k, int(live.sum(axis=1).min()))
+        return np.take_along_axis(ids, keep, 1)[:, :width], np.take_along_axis(scores, keep, 1)[:, :width]
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
         """Metadata of each id (None for an unknown id)."""
@@ -352,56 +370,42 @@ class Collection:
             raise KeyError(f"unknown id {int(np.asarray(ids)[rows < 0][0])}")
         return np.asarray(self.embeddings[rows], np.float32)
 
-    def check_mutable(self) -> None:
-        """Raises ReadOnlyIndexError where ScaNN cannot update the searcher in place: its delete crashes the
-        process (segfault, ScaNN 1.4) on a tree built with SOAR spilling, so such an index is build-once."""
-        if self.scann is not None and self.ann.method == "tree_ah" and self.ann.soar_lambda > 0:
-            raise ReadOnlyIndexError(
-                "this index was built with SOAR spilling (ann.soar_lambda > 0), which ScaNN cannot update in "
-                "place; rebuild it with the new images, or build it with soar_lambda=0 to allow adds and deletes"
-            )
-
     def added(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table) -> Collection:
-        """A new collection with these rows added (ScaNN upsert: no rebuild)."""
+        """A new collection with these rows (new ids only) added (ScaNN upsert: no rebuild)."""
         if len(ids) == 0:
             return self
-        self.check_mutable()
         embeddings = embeddings.astype(self.embeddings.dtype)
         scann = self.scann
         if scann is not None:
             scann.upsert([int(i) for i in ids], np.ascontiguousarray(embeddings, np.float32), batch_size=256)
-        out = Collection(
+        return Collection(
             np.concatenate([self.ids, ids]),
             np.concatenate([self.embeddings, embeddings]),
             pa.concat_tables([self.meta, meta.cast(self.meta.schema)]),
             self.ann,
             scann,
         )
-        return out._reorder()
 
     def removed(self, ids: Sequence[int]) -> Collection:
-        """A new collection without these ids (unknown ids are ignored)."""
+        """A new collection without these ids (unknown ids are ignored).
+
+        ScaNN deletes in place, except on a SOAR tree, where its delete crashes the process (ScaNN 1.4): there
+        the vectors stay in the searcher as tombstones until more than MAX_TOMBSTONES pile up, and then the
+        searcher is rebuilt from the remaining vectors with the same settings (seconds per 100k vectors)."""
         rows = self.rows_of(ids)
-        gone = np.unique(self.ids[rows[rows >= 0]])
-        if len(gone) == 0:
+        if not (rows >= 0).any():
             return self
-        self.check_mutable()
-        if self.scann is not None:
-            self.scann.delete([int(i) for i in gone])
-            return Collection(self.ids, self.embeddings, self.meta, self.ann, self.scann)._reorder()
         keep = np.ones(len(self.ids), bool)
         keep[rows[rows >= 0]] = False
-        return Collection(self.ids[keep], self.embeddings[keep], self.meta.filter(pa.array(keep)), self.ann)
-
-    def _reorder(self) -> Collection:
-        """Rows permuted into the ScaNN searcher's internal order (its docids list)."""
+        out = Collection(self.ids[keep], self.embeddings[keep], self.meta.filter(pa.array(keep)), self.ann, self.scann)
         if self.scann is None:
-            return self
-        order = np.asarray(self.scann.docids, np.int64)
-        if len(order) == len(self.ids) and np.array_equal(order, self.ids):
-            return self
-        rows = self.rows_of(order)
-        return Collection(order, self.embeddings[rows], self.meta.take(pa.array(rows)), self.ann, self.scann)
+            return out
+        if not (self.ann.method == "tree_ah" and self.ann.soar_lambda > 0):
+            self.scann.delete([int(i) for i in self.ids[~keep]])
+        elif out.tombstones > MAX_TOMBSTONES:
+            log.info("rebuilding the searcher without %d deleted vectors", out.tombstones)
+            out.scann = build_scann(out.embeddings, out.ids, self.ann)
+        return out
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True)
@@ -411,7 +415,8 @@ class Collection:
         if self.scann is not None:
             (directory / "scann").mkdir()
             self.scann.serialize(str(directory / "scann"), relative_path=True)
-            (directory / "scann" / "scann_docids.pkl").unlink(missing_ok=True)  # ids.npy holds them; no pickle
+            (directory / "scann" / "scann_docids.pkl").unlink(missing_ok=True)  # no pickle: saved as .npy
+            np.save(directory / "scann" / "docids.npy", np.asarray(self.scann.docids, np.int64))
 
     @classmethod
     def load(cls, directory: Path, ann: AnnConfig) -> Collection:
@@ -424,7 +429,9 @@ class Collection:
 
             with contextlib.redirect_stdout(None):
                 loaded = scann_lib.scann_ops_pybind.load_searcher(str(directory / "scann"))
-            scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in ids])
+            saved = directory / "scann" / "docids.npy"  # the searcher's order (older indexes: that of ids.npy)
+            docids = np.load(saved) if saved.exists() else ids
+            scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in docids])
         return cls(ids, np.asarray(embeddings), meta, ann, scann)
 
 
@@ -494,11 +501,6 @@ class _State:
     manifest: dict[str, Any]
     images: Collection
     captions: Collection | None
-
-    def check_mutable(self) -> None:
-        for collection in (self.images, self.captions):
-            if collection is not None:
-                collection.check_mutable()
 
 
 class Searcher:
@@ -619,7 +621,6 @@ class Searcher:
         pixels = np.stack([center_square(pil, encoder.image_size) for pil in decoded]) if decoded else None
         with self._lock, _writer_lock(self.path):
             state = self._load()
-            state.check_mutable()  # before any file is written
             first = int(state.manifest["next_image_id"])
             ids = np.arange(first, first + len(images), dtype=np.int64)
             rows = []
@@ -650,8 +651,6 @@ class Searcher:
         with self._lock, _writer_lock(self.path):
             state = self._load()
             rows = state.images.rows_of(ids)
-            if (rows >= 0).any():
-                state.check_mutable()
             present = [int(i) for i in np.unique(np.asarray(ids, np.int64)[rows >= 0])]
             if not present:
                 return 0

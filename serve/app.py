@@ -32,7 +32,7 @@ from litestar.static_files import create_static_files_router
 
 import jaxmr
 from jaxmr.index import read_manifest
-from serve.engine import BadRequest, Conflict, Engine, Query, TooLarge, decode_upload
+from serve.engine import BadRequest, Engine, Query, TooLarge, decode_upload
 from serve.metrics import Metrics
 from serve.settings import Settings
 
@@ -268,7 +268,7 @@ async def metrics(request: Request) -> Response:
 
 
 def _bad_request(_: Request, exc: BadRequest) -> Response:
-    status = 413 if isinstance(exc, TooLarge) else 409 if isinstance(exc, Conflict) else 400
+    status = 413 if isinstance(exc, TooLarge) else 400
     return Response({"status_code": status, "detail": str(exc)}, status_code=status)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from jaxmr.data.pipeline import ImageReadError
-from jaxmr.index import ReadOnlyIndexError, Searcher
+from jaxmr.index import Searcher
 from serve.metrics import Metrics
 from serve.settings import Settings
 
@@ -31,10 +31,6 @@ class BadRequest(ValueError):
 
 class TooLarge(BadRequest):
     """An upload over the size limits (a 413)."""
-
-
-class Conflict(BadRequest):
-    """A change the index cannot take in its present form (a 409), e.g. an add to a build-once index."""
 
 
 def decode_upload(data: bytes, settings: Settings) -> Image.Image:
@@ -248,17 +244,12 @@ class Engine:
                 ids = self.searcher.add(images, captions)
             except ImageReadError as e:
                 raise BadRequest(str(e)) from None
-            except ReadOnlyIndexError as e:
-                raise Conflict(str(e)) from None
         self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
         return ids
 
     def delete(self, image_id: int) -> bool:
         with self._device_lock:
-            try:
-                removed = self.searcher.delete([image_id]) == 1
-            except ReadOnlyIndexError as e:
-                raise Conflict(str(e)) from None
+            removed = self.searcher.delete([image_id]) == 1
         self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
         return removed
 

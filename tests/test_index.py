@@ -80,7 +80,7 @@ def test_auto_config_follows_scann_advice():
     big = AnnConfig().resolve(1_000_000, 256)
     assert (big.method, big.num_leaves) == ("tree_ah", 1000)
     assert 16 <= big.leaves_to_search <= big.num_leaves
-    assert (big.dims_per_block, big.soar_lambda) == (4, 0.0)  # 4-bit codes of 4 dimensions; SOAR only on request
+    assert (big.dims_per_block, big.soar_lambda) == (4, 1.5)  # 4-bit codes of 4 dimensions, SOAR spilling
     assert AnnConfig().resolve(10**6, 64).dims_per_block == AnnConfig().resolve(50_000, 256).dims_per_block == 2
     assert AnnConfig(dims_per_block=1).resolve(10**6, 256).dims_per_block == 1
     assert AnnConfig.from_manifest({"method": "tree_ah", "dims_per_block": 2}).soar_lambda == 0.0  # older indexes
@@ -265,28 +265,66 @@ def test_interrupted_build_resumes_with_identical_embeddings(smoke_run, tmp_path
     assert not (out / ".build").exists()
 
 
-def test_soar_tree_is_faster_to_search_but_refuses_changes():
-    """SOAR needs fewer leaves for the same recall; ScaNN's delete crashes on its trees, so changes are refused
-    with a clear error before ScaNN is touched."""
+def test_soar_tree_needs_fewer_leaves_and_takes_changes_through_tombstones(tmp_path, monkeypatch):
+    """SOAR needs fewer leaves for the same recall. ScaNN's delete crashes on its trees, so deleted vectors stay
+    in the searcher as tombstones that no search returns (even when they are the best matches), survive a save
+    and load, and a rebuild clears them once more than MAX_TOMBSTONES pile up."""
     import pyarrow as pa
 
+    import jaxmr.index as index
     from bench.common import clustered_vectors
-    from jaxmr.index import ReadOnlyIndexError
 
     database, text, _ = clustered_vectors(20_000, 32, n_queries=600, seed=3)
     ids = np.arange(len(database), dtype=np.int64)
     plain = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah"), queries=text[:300])
     soar = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah", soar_lambda=1.5),
                              queries=text[:300])  # fmt: skip
+    assert plain.ann.soar_lambda == 0 and soar.ann.soar_lambda == 1.5
     assert soar.ann.leaves_to_search <= plain.ann.leaves_to_search
     truth = exact_search(database, text[300:], 10)[0]
     assert recall(soar.search(text[300:], 10)[0], truth) >= 0.93
-    with pytest.raises(ReadOnlyIndexError, match="SOAR"):
-        soar.removed([0, 1])
-    with pytest.raises(ReadOnlyIndexError, match="SOAR"):
-        soar.added(np.array([99_999]), database[:1], pa.table({"id": np.array([99_999])}))
-    assert len(soar) == 20_000 and soar.removed([123_456]) is soar  # unknown ids: nothing to change, no error
-    plain.removed([0, 1])  # the default tree takes changes
+
+    # delete every query's 3 best matches: none of them may come back, and the rest keep their order
+    queries = text[300:340]
+    best = exact_search(database, queries, 3)[0]
+    gone = np.unique(best)
+    after = soar.removed(gone)
+    assert len(after) == 20_000 - len(gone) and after.tombstones == len(gone) and soar.tombstones == 0
+    found, scores = after.search(queries, 10)
+    assert found.shape == (40, 10) and not np.isin(found, gone).any()
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    live = np.setdiff1d(ids, gone)
+    assert recall(found, live[exact_search(database[live], queries, 10)[0]]) >= 0.9
+    assert np.array_equal(soar.search(queries, 3)[0][:, 0], best[:, 0])  # the old snapshot still sees them
+    assert after.records([int(gone[0])]) == [None]
+
+    # adds land in the same searcher; the tombstones survive a save and load
+    new = np.arange(50_000, 50_005, dtype=np.int64)
+    grown = after.added(new, -queries[:5], pa.table({"id": new}))
+    assert np.array_equal(grown.search(-queries[:5], 1)[0][:, 0], new)
+    grown.save(tmp_path / "c")
+    loaded = Collection.load(tmp_path / "c", grown.ann)
+    assert loaded.tombstones == len(gone) and len(loaded) == len(grown)
+    assert np.array_equal(loaded.search(queries, 10)[0], grown.search(queries, 10)[0])
+
+    # past the limit the searcher is rebuilt without them
+    monkeypatch.setattr(index, "MAX_TOMBSTONES", len(gone) + 10)
+    compacted = loaded.removed(np.arange(1_000, 1_011))
+    assert compacted.tombstones == 0 and compacted.scann is not loaded.scann and len(compacted) == len(loaded) - 11
+    assert compacted.ann == loaded.ann
+    found = compacted.search(queries, 10)[0]
+    assert not np.isin(found, gone).any() and recall(found, live[exact_search(database[live], queries, 10)[0]]) >= 0.9
+    assert len(soar) == 20_000 and soar.removed([123_456]) is soar  # unknown ids: nothing to change
+
+
+def test_auto_config_spills_with_soar_only_for_large_trees():
+    assert AnnConfig().resolve(1_000_000, 256).soar_lambda == 1.5
+    assert AnnConfig().resolve(200_000, 256).soar_lambda == 0
+    assert AnnConfig().resolve(10_000, 256).soar_lambda == 0
+    assert AnnConfig(soar_lambda=0).resolve(1_000_000, 256).soar_lambda == 0
+    assert AnnConfig(method="tree_ah", soar_lambda=2.0).resolve(1_000, 32).soar_lambda == 2.0
+    with pytest.raises(ValueError, match="soar_lambda"):
+        AnnConfig(soar_lambda=-0.5)
 
 
 def test_tree_calibrates_leaves_on_the_queries_it_will_answer():

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jaxmr.data import parse_source
-from jaxmr.index import BuildOptions, build_index
+from jaxmr.index import AnnConfig, BuildOptions, build_index
 from serve.app import create_app
 from serve.engine import Engine, Query, kmeans
 from serve.settings import Settings
@@ -205,6 +205,38 @@ def test_uploads_need_the_key_and_round_trip(client):
     assert client.delete(f"/api/images/{new}", headers=headers).json() == {"deleted": new}
     assert client.get(f"/api/images/{new}").status_code == 404
     assert client.get("/api/info").json()["images"] == before
+
+
+def test_soar_index_takes_uploads_and_deletes(smoke_run, tmp_path):
+    """An index built with SOAR (where ScaNN's own delete would crash the server) takes uploads and deletes
+    through the API: a deleted image is never returned again, also after the server restarts."""
+    from litestar.testing import TestClient
+
+    out = tmp_path / "soar"
+    ann = AnnConfig(method="tree_ah", num_leaves=4, soar_lambda=1.5)
+    build_index(smoke_run, SMOKE_SOURCE, out, split="test", options=BuildOptions(ann=ann), progress=False)
+    headers = {"x-api-key": KEY}
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[8:24, 8:24] = (250, 20, 200)
+    query, by_image = {"text": "a red circle", "k": 5}, {"image": b64(png(pixels)), "k": 1}
+
+    def searched(c) -> tuple[list[int], int]:
+        ids = [r["id"] for r in c.post("/api/search", json=query).json()["results"]]
+        return ids, c.post("/api/search", json=by_image).json()["results"][0]["id"]
+
+    with TestClient(create_app(Settings(index=str(out), api_key=KEY))) as c:
+        wait_ready(c.get)
+        first, _ = searched(c)
+        up = c.post("/api/images", files=[("files", ("a.png", png(pixels), "image/png"))], headers=headers)
+        assert up.status_code == 201, up.text
+        (added,) = up.json()["ids"]
+        assert c.delete(f"/api/images/{first[0]}", headers=headers).json() == {"deleted": first[0]}
+        assert c.get("/api/info").json()["images"] == 64
+        ids, best = searched(c)
+        assert first[0] not in ids and ids[:4] == first[1:] and best == added
+    with TestClient(create_app(Settings(index=str(out), api_key=KEY))) as c:
+        wait_ready(c.get)
+        assert searched(c) == (ids, best)
 
 
 def test_no_compilation_after_warm_up_and_micro_batching(index_dir):
