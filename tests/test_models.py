@@ -21,6 +21,7 @@ from jaxmr.models import (
     ViTConfig,
     parameter_counts,
 )
+from jaxmr.models.towers import sincos_2d
 from jaxmr.sharding import make_mesh, param_shardings
 from jaxmr.text import train_bpe
 
@@ -87,6 +88,24 @@ def test_vit_pools_and_conv_tower(pool):
     assert encode_image(DualEncoder(stem, rngs=nnx.Rngs(0)), images).shape == (4, 32)
     conv = dataclasses.replace(SMALL, image=ConvConfig(image_size=32, channels=(8, 16)))
     assert encode_image(DualEncoder(conv, rngs=nnx.Rngs(0)), images).shape == (4, 32)
+
+
+def test_sincos2d_position_embedding():
+    pe = np.asarray(sincos_2d(4, 16))  # 4 x 4 patches, 4 frequencies per quarter
+    assert pe.shape == (16, 16)
+    np.testing.assert_allclose(pe[0], [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4, atol=1e-7)  # row 0, column 0
+    np.testing.assert_allclose(pe[1, :4], np.sin(1.0 / 10_000.0 ** (np.arange(4) / 3)), rtol=1e-6)  # column 1
+    np.testing.assert_allclose(pe[4, 8:12], pe[1, :4], rtol=1e-6)  # row 1 reads like column 1, in its quarter
+    assert len({tuple(row.round(5)) for row in pe}) == 16  # every patch has its own code
+    image = dataclasses.replace(SMALL.image, posemb="sincos2d", pool="cls")
+    model = DualEncoder(dataclasses.replace(SMALL, image=image), rngs=nnx.Rngs(0))
+    assert not hasattr(model.image_tower, "pos_embed")  # nothing to learn
+    images, _ = _inputs()
+    swapped = np.array(images)  # the same 8 x 8 patches, two of them trading places
+    swapped[:, :8, :8], swapped[:, :8, 8:16] = images[:, :8, 8:16], images[:, :8, :8]
+    assert not np.allclose(encode_image(model, images), encode_image(model, swapped), atol=1e-3)
+    with pytest.raises(ValueError, match="posemb"):
+        ViTConfig(posemb="rope")
 
 
 def _loss_and_grads(model, images, tokens):

@@ -17,6 +17,7 @@ from jaxmr.models.layers import Encoder, Mlp, attention, layer_norm, partitioned
 from jaxmr.sharding import constrain
 
 Pool = Literal["cls", "mean", "map"]
+PosEmb = Literal["learn", "sincos2d"]
 TextPool = Literal["eos", "cls", "mean", "last", "argmax"]
 
 
@@ -38,6 +39,9 @@ class ViTConfig:
     # same patch size ("Early convolutions help transformers see better", Xiao et al. 2021): on small data
     # from scratch it optimises much faster.
     stem: str = "patch"
+    # "learn": a learned position embedding (CLIP, SigLIP); "sincos2d": fixed 2-D sine-cosine features of each
+    # patch's row and column (big_vision's default, MoCo v3): the tokens know where they are from step 0.
+    posemb: PosEmb = "learn"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch:
@@ -48,6 +52,23 @@ class ViTConfig:
             raise ValueError(f"a conv stem needs a power-of-two patch size, got {self.patch}")
         if self.pool not in ("cls", "mean", "map"):
             raise ValueError(f"ViT pool must be cls, mean or map, got {self.pool!r}")
+        if self.posemb not in ("learn", "sincos2d"):
+            raise ValueError(f"ViT posemb must be learn or sincos2d, got {self.posemb!r}")
+        if self.posemb == "sincos2d" and self.width % 4:
+            raise ValueError(f"a sincos2d position embedding needs a width divisible by 4, got {self.width}")
+
+
+def sincos_2d(side: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+    """Fixed position features of a side x side grid, row-major: [side * side, width] (width % 4 == 0).
+
+    A quarter of the channels is sin(column * w_k), a quarter cos(column * w_k), then the same for the row, with
+    frequencies w_k = temperature ** (-k / (width / 4 - 1)) from 1 down to 1 / temperature."""
+    quarter = width // 4
+    omega = 1.0 / temperature ** (jnp.arange(quarter) / max(quarter - 1, 1))
+    row, col = jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing="ij")
+    x = col.reshape(-1, 1) * omega[None]
+    y = row.reshape(-1, 1) * omega[None]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1).astype(jnp.float32)
 
 
 class MapHead(nnx.Module):
@@ -103,7 +124,10 @@ class ViT(nnx.Module):
             )  # fmt: skip
         n_tokens = (c.image_size // c.patch) ** 2 + (c.pool == "cls")
         init = nnx.initializers.normal(0.02)
-        self.pos_embed = nnx.Param(partitioned(init, (None, "length", "embed"))(rngs.params(), (1, n_tokens, c.width)))
+        if c.posemb == "learn":
+            self.pos_embed = nnx.Param(
+                partitioned(init, (None, "length", "embed"))(rngs.params(), (1, n_tokens, c.width))
+            )
         if c.pool == "cls":
             self.cls_token = nnx.Param(partitioned(init, (None, None, "embed"))(rngs.params(), (1, 1, c.width)))
         self.ln_pre = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.ln_eps) if c.ln_pre else None
@@ -124,10 +148,15 @@ class ViT(nnx.Module):
                              f"got {images.shape}")  # fmt: skip
         x = self.patchify(images)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        if self.config.pool == "cls":
+        c = self.config
+        if c.posemb == "sincos2d":  # the patches only; a CLS token carries no position
+            x = x + sincos_2d(c.image_size // c.patch, c.width).astype(x.dtype)[None]
+        if c.pool == "cls":
             cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
-        x = constrain(x + self.pos_embed[...].astype(x.dtype), ("batch", "length", "embed"))
+        if c.posemb == "learn":
+            x = x + self.pos_embed[...].astype(x.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         x = self.encoder(x)
