@@ -79,9 +79,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the latest K, plus the best by best_metric
     best_metric: str = "t2i_r1"  # higher is better
     # LiT with both towers frozen: compute the towers' features once (cached in the workdir) and train only the
-    # projection heads on them — minutes instead of hours on a CPU. `captions_per_image` > 1 puts that many
-    # captions of each image in a batch (batch_size / captions_per_image images), all of them positives.
+    # projection heads on them — minutes instead of hours on a CPU.
     cached_features: bool = False
+    # > 1 puts that many captions of each image in a batch: batch_size / captions_per_image images, each embedded
+    # once, and batch_size captions, all of an image's captions positives for it (the loss has batch_size rows).
     captions_per_image: int = 1
     # cached_features: image views cached per training image, the plain resize plus feature_views - 1 augmented
     # ones (random resized crop with data.crop_scale, random flip); each step draws one view per image.
@@ -98,8 +99,11 @@ class TrainConfig:
                              f"{self.captions_per_image}")  # fmt: skip
         if self.feature_views < 1:
             raise ValueError(f"feature_views must be at least 1, got {self.feature_views}")
-        if (self.captions_per_image > 1 or self.feature_views > 1) and not self.cached_features:
-            raise ValueError("captions_per_image > 1 and feature_views > 1 need cached_features")
+        if self.feature_views > 1 and not self.cached_features:
+            raise ValueError("feature_views > 1 needs cached_features")
+        if (self.batch_size // self.captions_per_image) % self.grad_accum:
+            raise ValueError(f"the {self.batch_size // self.captions_per_image} images of a batch do not split into "
+                             f"grad_accum={self.grad_accum} micro-batches")  # fmt: skip
         if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
 

@@ -136,8 +136,15 @@ def make_loss(config: LossConfig, mesh: jax.sharding.Mesh) -> Callable:
 
 
 def dual_forward(model: DualEncoder, images: jax.Array, texts: jax.Array, key: jax.Array | None):
-    """The end-to-end forward pass: uint8 images [B, H, W, 3], tokens [B, L] -> (zimg, ztxt, extras)."""
-    return model(images, texts)
+    """The end-to-end forward pass: uint8 images [B, H, W, 3], tokens [B, L] -> (zimg, ztxt, extras).
+
+    With k captions per image, tokens [B, k, L]: each image is embedded once and its embedding repeated, so
+    zimg and ztxt are both [B * k, E], row r of one matching row r of the other."""
+    if texts.ndim == 2:
+        return model(images, texts)
+    k = texts.shape[1]
+    zimg, ztxt, extras = model(images, texts.reshape(-1, texts.shape[-1]))
+    return jnp.repeat(zimg, k, axis=0), ztxt, extras
 
 
 def head_forward(model: DualEncoder, image_features: jax.Array, text_features: jax.Array, key: jax.Array | None):
@@ -159,6 +166,8 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
     one micro-batch.
     """
     ids = batch["index"]
+    if batch["text"].ndim == 3:  # k captions per image: k loss rows per image, all of them positives
+        ids = jnp.repeat(ids, batch["text"].shape[1], axis=0)
 
     def embed(params, images, tokens):
         zimg, ztxt, extras = forward(nnx.merge(graphdef, params), images, tokens, key)
@@ -174,10 +183,8 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
         (loss, (metrics, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return loss, metrics, extras, grads
 
-    size = batch["image"].shape[0]
-
-    def micro(x):
-        return x.reshape(grad_accum, size // grad_accum, *x.shape[1:])
+    def micro(x):  # [N, ...] -> [grad_accum, N / grad_accum, ...]; N is images or loss rows
+        return x.reshape(grad_accum, -1, *x.shape[1:])
 
     images, tokens = micro(batch["image"]), micro(batch["text"])
 
@@ -185,7 +192,7 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
         return None, embed(params, *mb)[0]
 
     _, (zimg, ztxt) = jax.lax.scan(embed_only, None, (images, tokens))
-    zimg, ztxt = zimg.reshape(size, -1), ztxt.reshape(size, -1)
+    zimg, ztxt = zimg.reshape(-1, zimg.shape[-1]), ztxt.reshape(-1, ztxt.shape[-1])
 
     def scalars(params):
         model = nnx.merge(graphdef, params)
@@ -572,9 +579,10 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
         iterator, evaluator = cached_training(config, trainable, state.params, tokenizer, workdir, progress)
     else:
         pipeline = PipelineConfig(
-            batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
-            crop_scale=config.data.crop_scale, num_workers=config.data.num_workers,
+            batch_size=config.batch_size // config.captions_per_image, image_size=config.data.image_size,
+            seed=config.seed, crop_scale=config.data.crop_scale, num_workers=config.data.num_workers,
             shuffle_group=config.data.shuffle_group, read_threads=config.data.read_threads,
+            captions_per_image=config.captions_per_image,
         )  # fmt: skip
         iterator = train_iterator(source, tokenizer, pipeline, mesh=mesh, data_axes=batch_axes(mesh))
         evaluator = Evaluator(parse_source(config.data.source, config.data.eval_split), tokenizer, trainable,

@@ -47,6 +47,23 @@ def test_batches_have_the_documented_layout(shapes, tokenizer):
         assert tokenizer.decode(batch["text"][row])[0] in [c.lower() for c in shapes.captions(index)]
 
 
+def test_k_captions_per_image(shapes, tokenizer):
+    config = PipelineConfig(batch_size=8, image_size=32, captions_per_image=3)
+    (batch,) = _take(train_iterator(shapes, tokenizer, config), 1)
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["text"].shape == (8, 3, 64)
+    distinct = 0
+    for row in range(8):
+        captions = [c.lower() for c in shapes.captions(int(batch["index"][row]))]
+        texts = tokenizer.decode(batch["text"][row])
+        assert set(texts) <= set(captions) and len(texts) == 3
+        if len(set(captions)) == len(captions):  # 3 different captions of the 5
+            assert len(set(texts)) == 3
+            distinct += 1
+    assert distinct >= 4
+    with pytest.raises(ValueError, match="captions_per_image"):
+        PipelineConfig(captions_per_image=0)
+
+
 def test_epochs_cover_everything_in_a_new_order(shapes, tokenizer):
     batches = _take(train_iterator(shapes, tokenizer, PipelineConfig(batch_size=32, image_size=32, seed=1)), 6)
     epoch1 = np.concatenate([b["index"] for b in batches[:3]])

@@ -78,6 +78,27 @@ def test_grad_cache_equals_full_batch_gradient(loss):
     assert float(jnp.abs(cached[3]["log_t"])) > 0
 
 
+def test_k_captions_per_image_embed_each_image_once():
+    # text [n, k, L]: the same loss and gradient as the n * k rows of (image repeated, caption) it stands for
+    config = smoke()
+    mesh = make_mesh([("data", 1)])
+    trainable = build(config, mesh)
+    params = trainable.init().params
+    flat = _batch(config, 16)  # rows 2i and 2i + 1: two captions of image i
+    flat["image"] = jnp.repeat(flat["image"][::2], 2, axis=0)
+    grouped = {"image": flat["image"][::2], "text": flat["text"].reshape(8, 2, -1), "index": flat["index"][::2]}
+    loss_fn = make_loss(config.loss, mesh)
+    want = jax.jit(lambda p, b: compute_grads(trainable.graphdef, loss_fn, p, b, 1))(params, flat)
+    for accum in (1, 4):  # and GradCache over 4 micro-batches of 2 images / 4 captions
+        got = jax.jit(lambda p, b, a=accum: compute_grads(trainable.graphdef, loss_fn, p, b, a))(params, grouped)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        assert float(got[1]["t2i_acc"]) == float(want[1]["t2i_acc"])
+        for a, b in zip(jax.tree.leaves(want[3]), jax.tree.leaves(got[3]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum=4 micro-batches"):
+        smoke(batch_size=12, captions_per_image=2, grad_accum=4)  # 6 images
+
+
 def test_freezing_by_regex_and_clear_errors():
     config = smoke(optim=dataclasses.replace(smoke().optim, freeze=("image_tower/.*",)))
     trainable = build(config, make_mesh([("data", 1)]))

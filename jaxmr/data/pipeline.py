@@ -45,6 +45,9 @@ class PipelineConfig:
     read_threads: int = 4  # threads decoding ahead in each process (grain's default of 16 starves XLA on 2 cores)
     strict: bool = False  # raise on an unreadable image instead of skipping it
     shuffle_group: int = 1  # shuffle runs of this many consecutive records as units (shapes: 2 keeps twins together)
+    # > 1: each image comes with this many of its captions (distinct when it has that many), text [k, L]; the
+    # batch is still batch_size images
+    captions_per_image: int = 1
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
@@ -52,6 +55,8 @@ class PipelineConfig:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         if self.batch_size < 1 or self.image_size < 1 or self.num_workers < 0 or self.shuffle_group < 1:
             raise ValueError("batch_size, image_size and shuffle_group must be positive and num_workers >= 0")
+        if self.captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be at least 1, got {self.captions_per_image}")
 
 
 class ImageReadError(DataError):
@@ -150,8 +155,9 @@ class ProcessRows(grain.MapDataset):
 
 
 class TrainExample(grain.transforms.RandomMap):
-    """Record -> {image, text, index} with a random crop and one random caption; or {error} when the image
-    cannot be read (dropped and counted in the main process, where the count is kept)."""
+    """Record -> {image, text, index} with a random crop and one random caption (text [L]), or k of them (text
+    [k, L], distinct when the image has k) when captions_per_image = k > 1; or {error} when the image cannot be
+    read (dropped and counted in the main process, where the count is kept)."""
 
     def __init__(self, source: Source, tokenizer: Tokenizer, config: PipelineConfig):
         self.source, self.tokenizer, self.config = source, tokenizer, config
@@ -160,14 +166,16 @@ class TrainExample(grain.transforms.RandomMap):
         record = self.source[index]
         if not record["captions"]:
             raise DataError(f"{self.source.name}: image {record['id']} has no captions; training needs captions")
-        caption = record["captions"][int(rng.integers(len(record["captions"])))]
+        captions, k = record["captions"], self.config.captions_per_image
+        chosen = [int(rng.integers(len(captions)))] if k == 1 else rng.choice(len(captions), k, len(captions) < k)
         try:
             image = decode(record["image"], self.config.image_size, self.config.crop_scale, rng)
         except ImageReadError as e:
             if self.config.strict:
                 raise
             return {"error": str(e)}
-        return {"image": image, "text": self.tokenizer.encode(caption)[0], "index": np.int32(index)}
+        tokens = self.tokenizer.encode([captions[int(c)] for c in chosen])
+        return {"image": image, "text": tokens[0] if k == 1 else tokens, "index": np.int32(index)}
 
 
 class ReadableBatches(grain.IterDataset):
@@ -253,7 +261,8 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
 
 
 class TrainIterator:
-    """Batches for training: `next()` gives a dict image uint8 [B, S, S, 3], text int32 [B, L], index int32 [B]
+    """Batches for training: `next()` gives a dict image uint8 [B, S, S, 3], text int32 [B, L] (or [B, k, L] with k
+    captions per image), index int32 [B]
     (global jax.Arrays when a mesh is given, numpy otherwise). Its state (`get_state` / `set_state`) is a
     small dict that resumes at exactly the next batch."""
 
