@@ -165,9 +165,9 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
     the cached embedding gradients. The gradient equals the full-batch one; activation memory is that of
     one micro-batch.
     """
-    ids = batch["index"]
-    if batch["text"].ndim == 3:  # k captions per image: k loss rows per image, all of them positives
-        ids = jnp.repeat(ids, batch["text"].shape[1], axis=0)
+    def row_ids(z):  # a forward may give k loss rows per example (k captions per image): all k are positives
+        ids = batch["index"]
+        return ids if z.shape[0] == ids.shape[0] else jnp.repeat(ids, z.shape[0] // ids.shape[0], axis=0)
 
     def embed(params, images, tokens):
         zimg, ztxt, extras = forward(nnx.merge(graphdef, params), images, tokens, key)
@@ -177,7 +177,7 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
 
         def loss_of(params):
             (zimg, ztxt), extras = embed(params, batch["image"], batch["text"])
-            loss, metrics = loss_fn(zimg, ztxt, extras, ids)
+            loss, metrics = loss_fn(zimg, ztxt, extras, row_ids(zimg))
             return loss, (metrics, extras)
 
         (loss, (metrics, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -199,7 +199,7 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
         return {"t": model.logit_scale, "b": model.b[...]}
 
     def loss_of(zimg, ztxt, params):
-        loss, metrics = loss_fn(zimg, ztxt, scalars(params), ids)
+        loss, metrics = loss_fn(zimg, ztxt, scalars(params), row_ids(zimg))
         return loss, metrics
 
     (loss, metrics), (g_img, g_txt, grads) = jax.value_and_grad(loss_of, (0, 1, 2), has_aux=True)(zimg, ztxt, params)

@@ -139,9 +139,11 @@ def test_exact_resume(tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
-def test_sharded_run_matches_single_device(tmp_path):
-    single = train(smoke(mesh=(("data", 1),), steps=3), tmp_path / "one", progress=False)
-    sharded = train(smoke(mesh=(("data", 8),), steps=3), tmp_path / "eight", progress=False)
+@pytest.mark.parametrize("captions", [1, 2])
+def test_sharded_run_matches_single_device(tmp_path, captions):
+    config = smoke(steps=3, captions_per_image=captions)
+    single = train(dataclasses.replace(config, mesh=(("data", 1),)), tmp_path / "one", progress=False)
+    sharded = train(dataclasses.replace(config, mesh=(("data", 8),)), tmp_path / "eight", progress=False)
     one = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
     eight = [m["train/loss"] for m in read_metrics(tmp_path / "eight") if "train/loss" in m]
     np.testing.assert_allclose(one, eight, rtol=2e-4)
