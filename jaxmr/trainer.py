@@ -165,6 +165,7 @@ def compute_grads(graphdef, loss_fn, params, batch, grad_accum: int = 1, key=Non
     the cached embedding gradients. The gradient equals the full-batch one; activation memory is that of
     one micro-batch.
     """
+
     def row_ids(z):  # a forward may give k loss rows per example (k captions per image): all k are positives
         ids = batch["index"]
         return ids if z.shape[0] == ids.shape[0] else jnp.repeat(ids, z.shape[0] // ids.shape[0], axis=0)
