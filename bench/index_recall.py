@@ -16,7 +16,9 @@ import time
 import numpy as np
 
 from bench.common import clustered_vectors, write_results
-from jaxmr.index import AnnConfig, Collection, Searcher, exact_search
+from jaxmr.index.ann import AnnConfig, exact_search
+from jaxmr.index.collection import Collection
+from jaxmr.index.store import Searcher
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from bench.common import write_results
-from jaxmr.data import PipelineConfig, caption_table, parse_source, train_iterator
+from jaxmr.data import caption_table, parse_source
 from jaxmr.data.shapes import ShapesConfig, ShapesSource
+from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.text import train_bpe
 
 FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"

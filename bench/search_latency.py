@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, clustered_vectors, machine, markdown_table, write_results
-from jaxmr.index import AnnConfig, Collection, JaxExactSearch, exact_search
+from jaxmr.index.ann import AnnConfig, JaxExactSearch, exact_search
+from jaxmr.index.collection import Collection
 
 K = 10
 TARGET_RECALL = AnnConfig().target_recall
@@ -393,7 +394,7 @@ def run_set(name: str, database: np.ndarray, queries: np.ndarray, calibration: n
 
 def real_set(path: str, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An index's image embeddings, its caption embeddings split into measured and held-out queries."""
-    from jaxmr.index import Searcher
+    from jaxmr.index.store import Searcher
 
     searcher = Searcher(path, load_encoder=False)
     images = np.asarray(searcher.collection("images").embeddings, np.float32)

@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small index and 2 s per level (CI smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from jaxmr.index import write_index
+    from jaxmr.index.build import write_index
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or _smoke_run(Path(tmp) / "run")
@@ -110,7 +110,7 @@ def _embed_dim(workdir: str) -> int:
 
 def _smoke_run(workdir: Path) -> str:
     from jaxmr.config import load_config_file
-    from jaxmr.trainer import train
+    from jaxmr.training.loop import train
 
     config = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py:smoke"))
     train(config, workdir, progress=False)

@@ -21,7 +21,7 @@ from bench.common import write_results
 from jaxmr.config import DataConfig, TrainConfig
 from jaxmr.models import PRESETS, ModelConfig
 from jaxmr.sharding import make_mesh
-from jaxmr.trainer import build
+from jaxmr.training.step import build
 
 BATCH = {"tiny": 256, "s16": 32}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from bench.common import write_results
-from jaxmr.trainer import evaluate, read_metrics
+from jaxmr.training.checkpoints import read_metrics
+from jaxmr.training.runs import evaluate
 
 
 def main() -> None:

@@ -1,5 +1,10 @@
 """The `jaxmr` console script. Each subcommand is a thin layer over the library; bad input ends in one
-clear `error:` line and exit status 2, never a traceback."""
+clear `error:` line and exit status 2, never a traceback.
+
+The CLI is the top layer and may import any of the library. Each command imports the layers it runs inside its
+handler, so that `jaxmr serve` loads the serving path only (no optax, orbax, grain or training code: a server
+starts faster and smaller) and `jaxmr data info` loads no model. These imports still run downward and are
+checked by the layers contract (`make lint`)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from jaxmr import distributed
+from jaxmr.config import ComposedConfig, apply_overrides, load_config_file
 from jaxmr.data.records import DataError
 
 SPEC_HELP = "source spec: shapes[:n=10000,size=64,seed=0], captions:DIR, coco:DIR, tfds:NAME[:split], images:DIR"
@@ -48,7 +56,7 @@ def _data_preview(args: argparse.Namespace) -> None:
 
 
 def _data_to_tfds(args: argparse.Namespace) -> None:
-    from jaxmr.data.tfds_source import build_caption_folder
+    from jaxmr.data.convert import build_caption_folder
 
     path = build_caption_folder(args.source, args.out, name=args.name)
     print(f"wrote {path}; read it with --data tfds:caption_folder/{path.parent.name} and TFDS_DATA_DIR={args.out}")
@@ -72,7 +80,7 @@ def _model_import(args: argparse.Namespace) -> None:
 
 
 def _model_export(args: argparse.Namespace) -> None:
-    from jaxmr.export import export_model
+    from jaxmr.training.exports import export_model
 
     print(f"wrote {args.out} (fingerprint {export_model(args.workdir, args.out)})")
 
@@ -90,15 +98,34 @@ def _model_info(args: argparse.Namespace) -> None:
         print(f"{name:<10} {counts['image']:>14,} {counts['text']:>14,} {counts['total']:>14,}")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from train.main import run
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:variant][,key=value,...]")
+    parser.add_argument("--workdir", required=True, help="run directory (resumed when it holds a run)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--stop-at-step", type=int, default=None, help="save and stop at this step (resumable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(parser)
 
-    run(args)
+
+def _train(args: argparse.Namespace) -> None:
+    from jaxmr.training import composed
+    from jaxmr.training.loop import train
+
+    config = apply_overrides(load_config_file(args.config), args.set)
+    multi = distributed.initialize(args)  # before anything asks JAX for devices
+    if isinstance(config, ComposedConfig):  # composed queries on top of a trained dual encoder
+        if multi:
+            raise ValueError("the composed-query trainer runs in one process (it trains in minutes on one device)")
+        metrics = composed.train(config, args.workdir, progress=not args.no_progress)
+    else:
+        metrics = train(config, args.workdir, stop_at_step=args.stop_at_step, progress=not args.no_progress)
+    if metrics and distributed.is_primary():
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from jaxmr import composed
-    from jaxmr.trainer import evaluate
+    from jaxmr.training import composed
+    from jaxmr.training.runs import evaluate
 
     if composed.is_composed_run(args.workdir):  # image + text -> image: the composer and both baselines
         metrics = composed.evaluate(args.workdir, args.data, args.split)
@@ -126,7 +153,7 @@ def _eval_report(args: argparse.Namespace) -> None:
     from jaxmr import report
     from jaxmr.data import parse_source
 
-    templates = tuple(args.prompt) or None  # None: the labelled source's own, or jaxmr.eval.TEMPLATES
+    templates = tuple(args.prompt) or None  # None: the labelled source's own, or jaxmr.metrics.TEMPLATES
     bad = [t for t in args.prompt if t.count("{}") != 1]
     if bad:
         raise ValueError(f"a prompt template needs exactly one {{}} for the class name, got {bad[0]!r}")
@@ -151,7 +178,8 @@ def _eval_report(args: argparse.Namespace) -> None:
 
 
 def _index_build(args: argparse.Namespace) -> None:
-    from jaxmr.index import AnnConfig, BuildOptions, build_index
+    from jaxmr.index.ann import AnnConfig
+    from jaxmr.index.build import BuildOptions, build_index
 
     options = BuildOptions(
         captions=not args.no_captions, chunk=args.chunk, batch_size=args.batch_size, dtype=args.dtype,
@@ -171,13 +199,13 @@ def _index_build(args: argparse.Namespace) -> None:
 
 
 def _index_info(args: argparse.Namespace) -> None:
-    from jaxmr.index import index_info
+    from jaxmr.index.store import index_info
 
     print(json.dumps(index_info(args.index), indent=2))
 
 
 def _index_search(args: argparse.Namespace) -> None:
-    from jaxmr.index import Searcher
+    from jaxmr.index.store import Searcher
 
     if not args.query.strip():
         raise ValueError("the query is empty")
@@ -185,8 +213,6 @@ def _index_search(args: argparse.Namespace) -> None:
     ids, scores = searcher.search_text([args.query], args.k, args.target, exact=args.exact)
     records = searcher.records(ids[0], args.target)
     if args.grid:
-        import numpy as np
-
         from jaxmr.viz import result_grid
 
         image_ids = [r["id"] if args.target == "images" else r["image_id"] for r in records]
@@ -208,8 +234,8 @@ def _index_search(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from serve.app import run
-    from serve.settings import Settings
+    from jaxmr.serving.app import run
+    from jaxmr.serving.settings import Settings
 
     settings = Settings.from_env(index=args.index, host=args.host, port=args.port, api_key=args.api_key)
     if not settings.index:
@@ -246,9 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true", help="stop after building the index")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    from train.main import add_arguments
-
-    add_arguments(add("train", _train, "train a dual encoder from a config file (resumes a workdir)"))
+    _train_arguments(add("train", _train, "train a dual encoder from a config file (resumes a workdir)"))
     evaluate = add("eval", _eval, "Recall@K of a run's latest checkpoint on its eval split or any source")
     evaluate.add_argument("--workdir", required=True, help="a training run directory")
     evaluate.add_argument("--data", default=None, help=f"{SPEC_HELP} (default: the run's own)")

@@ -110,7 +110,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ComposedConfig:
-    """Composed queries (image + modification text -> image) on top of a trained dual encoder: `jaxmr.composed`.
+    """Composed queries (image + modification text -> image) on a trained dual encoder: `jaxmr.training.composed`.
 
     The base model's image tower is frozen (gallery embeddings are computed once and cached in the workdir); a
     copy of its text tower reads the modification sentences (fine-tuned unless `train_text` is False) and TIRG
@@ -181,7 +181,7 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
+def write_config_json(config: TrainConfig, path: str | Path) -> None:
     """Writes the config as JSON, atomically (another process may be reading the file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -189,7 +189,7 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_config(path: str | Path) -> TrainConfig:
+def read_config_json(path: str | Path) -> TrainConfig:
     return from_dict(json.loads(Path(path).read_text()))
 
 
@@ -199,10 +199,10 @@ def claim_workdir(config: Any, workdir: str | Path, write: bool = True) -> Path:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     saved = workdir / "config.json"
-    if saved.exists() and load_config(saved) != config:
+    if saved.exists() and read_config_json(saved) != config:
         raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir (or the same config)")
     if write:
-        save_config(config, saved)
+        write_config_json(config, saved)
     return workdir
 
 
@@ -240,6 +240,10 @@ def _numeric(current: Any, value: Any) -> bool:
     return isinstance(current, float) and isinstance(value, int)
 
 
+# The recipe configs (configs/ in a checkout) as installed inside the package; found without importing them.
+PACKAGED_CONFIGS = Path(importlib.util.find_spec("jaxmr.configs").origin).parent
+
+
 def load_config_file(spec: str) -> TrainConfig:
     """`path/to/config.py[:arg][,key=value,...]` -> the TrainConfig it describes, overrides applied.
 
@@ -248,6 +252,8 @@ def load_config_file(spec: str) -> TrainConfig:
     """
     path, _, tail = spec.partition(".py")
     path = Path(path + ".py")
+    if not path.is_file() and path.parent == Path("configs") and (PACKAGED_CONFIGS / path.name).is_file():
+        path = PACKAGED_CONFIGS / path.name  # outside a checkout: the recipes installed with jaxmr (jaxmr.configs)
     if not path.is_file():
         raise ValueError(f"config file {path} not found")
     module_spec = importlib.util.spec_from_file_location(f"jaxmr_config_{path.stem}", path)

@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from jaxmr.config import DataConfig, LossConfig, TrainConfig
-from jaxmr.models import ModelConfig, TextConfig, ViTConfig
-from jaxmr.models.pretrained import ConversionError, TorchState
+from jaxmr.export import write_export
+from jaxmr.models import ModelConfig, TextConfig, ViTConfig, model_graph
+from jaxmr.models.torch_io import ConversionError, TorchState, load_torch_checkpoint, merge_strict
+from jaxmr.text import SentencePieceTokenizer, clip_bpe
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -216,10 +219,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Tensors of a .safetensors file or a torch checkpoint (zip or legacy; read without torch)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
         return load_file(path)
-    from jaxmr.models.torch_io import load_torch_checkpoint
 
     state = load_torch_checkpoint(path)
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -234,7 +234,6 @@ def _hf_weights(folder: Path) -> dict[str, np.ndarray]:
 
 def convert(src: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None):
     """(TrainConfig, params, tokenizer) for a CLIP / SigLIP checkpoint (a Hugging Face folder or an OpenAI file)."""
-    from jaxmr.text import SentencePieceTokenizer, clip_bpe
 
     src = Path(src)
     if src.is_dir():
@@ -281,9 +280,6 @@ def convert(src: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = No
 
 def import_model(src: str | os.PathLike, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Converts `src` and writes a model export to `out`; returns the export's fingerprint."""
-    from jaxmr.export import write_export
-    from jaxmr.models.pretrained import merge_strict
-    from jaxmr.trainer import model_graph
 
     config, params, tokenizer = convert(src, tokenizer_dir)
     _, abstract, _ = model_graph(config.model)

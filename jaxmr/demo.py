@@ -15,14 +15,19 @@ import shutil
 import time
 from pathlib import Path
 
-from jaxmr.config import load_config_file
+from jaxmr.config import PACKAGED_CONFIGS, load_config_file
 from jaxmr.data import parse_source
-from jaxmr.export import Encoder, fingerprint
-from jaxmr.index import BuildOptions, build_index, current_version, read_manifest
-from jaxmr.trainer import evaluate, read_metrics, train
+from jaxmr.export import read_export_meta
+from jaxmr.index.build import BuildOptions, build_index
+from jaxmr.index.store import current_version, read_manifest
+from jaxmr.serving.app import run as serve_app
+from jaxmr.serving.settings import Settings
+from jaxmr.training.checkpoints import read_metrics
+from jaxmr.training.loop import train
+from jaxmr.training.runs import evaluate, model_fingerprint
 from jaxmr.viz import caption_grid
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
+CONFIG = PACKAGED_CONFIGS / "shapes_tiny.py"
 # The photo model `--photos` uses when it has been trained (configs/flickr8k_lit.py's documented workdir).
 PHOTO_RUN = Path("runs/flickr8k_lit")
 EXAMPLE_QUERIES = ("a large red circle and a small blue square", "there is a small white diamond",
@@ -37,28 +42,20 @@ def print_table(metrics: dict) -> None:
     print(f"{metrics['n_images']} images, {metrics['n_captions']} captions")
 
 
-def _model_fingerprint(run: Path) -> str:
-    if (Path(run) / "params.npz").exists():  # a model export
-        from jaxmr.export import read_export_meta
-
-        return read_export_meta(run)["fingerprint"]
-    encoder = Encoder.from_run(run)
-    return fingerprint(encoder.params, encoder.config)
-
-
 def ensure_index(run: Path, source_spec: str, split: str, out: Path, progress: bool = True) -> Path:
     """`out` indexed by the run's current model: reused when it is, (re)built otherwise (resumes a partial one)."""
     if current_version(out) is not None:
-        if read_manifest(out)["model"]["fingerprint"] == _model_fingerprint(run):
+        if read_manifest(out)["model"]["fingerprint"] == model_fingerprint(run):
             print(f"    reusing the index in {out}")
             return out
         print(f"    {out} was built by another model: rebuilding it")
         shutil.rmtree(out)
-    elif (out / ".build").exists() and (out / "model").exists():
-        from jaxmr.export import read_export_meta
-
-        if read_export_meta(out / "model")["fingerprint"] != _model_fingerprint(run):
-            shutil.rmtree(out)  # an unfinished build by an older model
+    elif (
+        (out / ".build").exists()
+        and (out / "model").exists()
+        and (read_export_meta(out / "model")["fingerprint"] != model_fingerprint(run))
+    ):
+        shutil.rmtree(out)  # an unfinished build by an older model
     start = time.perf_counter()
     searcher = build_index(run, source_spec, out, split, BuildOptions(), progress=progress)
     m = searcher.manifest
@@ -118,9 +115,6 @@ def run_demo(
         index = ensure_index(model, f"images:{photos}", "all", workdir / f"photos-{tag}", progress)
     if not serve:
         return index
-
-    from serve.app import run as serve_app
-    from serve.settings import Settings
 
     examples = "\n".join(
         f"      curl -s localhost:{port}/api/search -H 'content-type: application/json' -d '{{\"text\": \"{q}\"}}'"

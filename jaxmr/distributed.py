@@ -17,6 +17,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +70,6 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
     """Waits until every process has got here (a no-op in a one-process run)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -78,7 +77,6 @@ def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on at least one (for stopping together)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
@@ -92,6 +90,5 @@ def to_host(tree):
     """A pytree of global arrays as numpy arrays on every process (gathered when sharded across processes)."""
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

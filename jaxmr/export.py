@@ -1,13 +1,13 @@
-"""The serving side of a trained model: exported weights, and jitted encoders over fixed batch buckets.
+"""The on-disk model format: what a server or an index build needs of a trained model, without the training run.
 
-An export is a directory that holds everything a server or an index build needs, without the training run:
+An export is a directory:
 
     config.json        the run's TrainConfig, the image size, the step and the model fingerprint
     params.npz         every parameter by its path ("image_tower/encoder/blocks/0/mlp/fc1/kernel")
     tokenizer/         the run's tokenizer
+    composer/          optional: a trained composed-query model (params.npz, config.json; `jaxmr.training.composed`)
 
-`Encoder` pads every batch up to one of a few bucket sizes, so that a warmed-up encoder never compiles again
-whatever batch a request brings.
+Runs become exports through `jaxmr.training.exports.export_model`; CLIP/SigLIP checkpoints through `jaxmr.convert`.
 """
 
 from __future__ import annotations
@@ -17,52 +17,29 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from PIL import Image
 
 from jaxmr.config import TrainConfig, from_dict, to_dict
-from jaxmr.data.pipeline import center_square, load_image
-from jaxmr.sharding import make_mesh
+from jaxmr.models import Composer
 from jaxmr.text import Tokenizer, load_tokenizer
+from jaxmr.tree import flatten, unflatten
 
 EXPORT_FORMAT = 1
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+COMPOSER_DIR = "composer"
 
 
 class ModelMismatchError(ValueError):
     """An index and a model that do not belong together."""
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}; leaves stay as they are (arrays, or ShapeDtypeStructs of an abstract model)."""
-    flat = {}
-    for key, value in params.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    """{"a/b/c": array} -> nested dict; path parts that are integers become int keys (nnx.List indices)."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = [int(p) if p.isdigit() else p for p in path.split("/")]
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is a model export (else it may be a training run): the one test every command uses."""
+    return (Path(path) / "params.npz").is_file()
 
 
 def fingerprint(params: dict, config: TrainConfig) -> str:
@@ -73,25 +50,6 @@ def fingerprint(params: dict, config: TrainConfig) -> str:
         digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()[:16]
-
-
-def export_model(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> str:
-    """Writes a run's latest (or `step`) checkpoint as an export directory; returns its fingerprint. A composed
-    run exports its base model with the composer (`jaxmr.composed`).
-
-    In a multi-process run every process calls this (the checkpoint is restored collectively) and process 0
-    writes; the others return ""."""
-    from jaxmr import composed, distributed
-    from jaxmr.trainer import load_run
-
-    if composed.is_composed_run(workdir):
-        return composed.export_composed(workdir, out)
-
-    config, _, state, tokenizer = load_run(workdir, step)
-    params = distributed.to_host(state.params)
-    if not distributed.is_primary():
-        return ""
-    return write_export(out, config, params, tokenizer, int(state.step), workdir=str(Path(workdir).resolve()))
 
 
 def write_export(out: str | os.PathLike, config: TrainConfig, params: dict, tokenizer: Tokenizer, step: int,
@@ -133,157 +91,25 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-class Encoder:
-    """Jitted text and image encoders of one model, with fixed batch buckets and explicit shardings.
+def load_export(path: str | os.PathLike) -> tuple[TrainConfig, dict, Tokenizer, dict[str, Any]]:
+    """(config, params as a nested dict of numpy arrays, tokenizer, meta) of an export directory."""
+    path = Path(path)
+    meta = read_export_meta(path)
+    with np.load(path / "params.npz") as data:
+        params = unflatten({k: data[k] for k in data.files})
+    return from_dict(meta["config"]), params, load_tokenizer(path / "tokenizer"), meta
 
-    A batch is padded to the smallest bucket that holds it (larger batches go through in chunks of the largest
-    bucket), so the set of compiled shapes is fixed: `warm_up()` compiles them all. Buckets that divide over the
-    devices are split across them (data parallel); smaller ones run replicated.
-    """
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        params: dict,
-        tokenizer: Tokenizer,
-        fingerprint: str,
-        buckets: Sequence[int] = BUCKETS,
-        mesh: jax.sharding.Mesh | None = None,
-        composer: tuple[nnx.GraphDef, dict] | None = None,
-    ):
-        from jaxmr.trainer import model_graph
-
-        self.config, self.tokenizer, self.fingerprint = config, tokenizer, fingerprint
-        self.image_size = config.data.image_size
-        self.embed_dim = config.model.embed_dim
-        self.buckets = tuple(sorted(set(buckets)))
-        self.mesh = mesh or make_mesh(devices=jax.local_devices())  # a multi-process build encodes locally
-        graphdef, abstract, _ = model_graph(config.model)
-        if jax.tree.structure(abstract) != jax.tree.structure(params):
-            raise ModelMismatchError("the exported parameters do not match the model config's structure")
-        replicated = NamedSharding(self.mesh, P())
-        self.params = jax.device_put(params, replicated)
-        n_devices = self.mesh.devices.size
-        self._jitted: dict[tuple[str, int], Any] = {}
-        for bucket in self.buckets:
-            batch = NamedSharding(self.mesh, P(self.mesh.axis_names)) if bucket % n_devices == 0 else replicated
-            self._jitted["image", bucket] = (
-                jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x), in_shardings=(replicated, batch),
-                        out_shardings=replicated),
-                batch,
-            )  # fmt: skip
-            self._jitted["text", bucket] = (
-                jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x), in_shardings=(replicated, batch),
-                        out_shardings=replicated),
-                batch,
-            )  # fmt: skip
-        # A trained composed-query model (`jaxmr.composed`): reference embedding + modification tokens -> query.
-        self.composer_params = None
-        if composer is not None:
-            composer_graph, composer_params = composer
-            self.composer_params = jax.device_put(composer_params, replicated)
-            for bucket in self.buckets:
-                batch = NamedSharding(self.mesh, P(self.mesh.axis_names)) if bucket % n_devices == 0 else replicated
-                self._jitted["compose", bucket] = (
-                    jax.jit(lambda p, z, t: nnx.merge(composer_graph, p)(z, t),
-                            in_shardings=(replicated, batch, batch), out_shardings=replicated),
-                    batch,
-                )  # fmt: skip
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, buckets: Sequence[int] = BUCKETS) -> Encoder:
-        """An encoder from an export directory (see `export_model`)."""
-        path = Path(path)
-        meta = read_export_meta(path)
-        config = from_dict(meta["config"])
-        with np.load(path / "params.npz") as data:
-            params = unflatten({k: data[k] for k in data.files})
-        from jaxmr.composed import load_composer
-
-        composer = load_composer(path, config.model)
-        return cls(config, params, load_tokenizer(path / "tokenizer"), meta["fingerprint"], buckets, composer=composer)
-
-    @classmethod
-    def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Encoder:
-        from jaxmr.trainer import load_run
-
-        config, _, state, tokenizer = load_run(workdir, step)
-        params = jax.tree.map(np.asarray, state.params)
-        return cls(config, params, tokenizer, fingerprint(params, config))
-
-    def bucket(self, n: int) -> int:
-        """The batch size `n` rows are padded to (the largest bucket when none holds them)."""
-        return next((b for b in self.buckets if b >= n), self.buckets[-1])
-
-    def _run(self, kind: str, *inputs: np.ndarray) -> np.ndarray:
-        n = len(inputs[0])
-        out = np.zeros((n, self.embed_dim), np.float32)
-        params = self.composer_params if kind == "compose" else self.params
-        start = 0
-        while start < n:
-            size = self.bucket(n - start)
-            fn, sharding = self._jitted[kind, size]
-            padded = []
-            for x in inputs:
-                chunk = x[start : start + size]
-                pad = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-                padded.append(jax.device_put(np.concatenate([chunk, pad]), sharding))
-            z = fn(params, *padded)
-            rows = min(size, n - start)
-            out[start : start + rows] = np.asarray(z)[:rows]
-            start += rows
-        return out
-
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] (S = `image_size`) -> L2-normalised float32 [N, E]."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(f"images must be [N, {self.image_size}, {self.image_size}, 3], got {images.shape}")
-        return self._run("image", images.astype(np.uint8, copy=False))
-
-    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """int32 [N, max_len] -> L2-normalised float32 [N, E]."""
-        return self._run("text", np.asarray(tokens, np.int32))
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """N strings -> L2-normalised float32 [N, E]."""
-        return self.encode_tokens(self.tokenizer.encode(list(texts)))
-
-    @property
-    def has_composer(self) -> bool:
-        return self.composer_params is not None
-
-    def compose(self, zref: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        """Composed queries with the trained composer: reference image embeddings [N, E] and N modification
-        sentences -> L2-normalised float32 [N, E]."""
-        if not self.has_composer:
-            raise ValueError("this model has no trained composer (train one with configs/shapes_composed.py)")
-        zref = np.asarray(zref, np.float32).reshape(-1, self.embed_dim)
-        if len(zref) != len(texts):
-            raise ValueError(f"{len(zref)} reference embeddings but {len(texts)} texts")
-        return self._run("compose", zref, self.tokenizer.encode(list(texts)).astype(np.int32))
-
-    def preprocess(self, image: np.ndarray | bytes | str | Image.Image) -> np.ndarray:
-        """Any image a record or an upload may hold -> uint8 [S, S, 3] (shorter side to S, central square).
-        Raises `ImageReadError` for data that is not a readable image."""
-        if isinstance(image, np.ndarray) and image.shape == (self.image_size, self.image_size, 3):
-            return image.astype(np.uint8, copy=False)
-        pil = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image, min_side=self.image_size)
-        return center_square(pil, self.image_size)
-
-    def warm_up(self) -> int:
-        """Compiles every bucket of both encoders; returns how many functions were compiled."""
-        tokens = lambda b: np.zeros((b, self.tokenizer.max_len), np.int32)
-        for (kind, bucket), (fn, sharding) in self._jitted.items():
-            inputs = {
-                "image": lambda b: [np.zeros((b, self.image_size, self.image_size, 3), np.uint8)],
-                "text": lambda b: [tokens(b)],
-                "compose": lambda b: [np.zeros((b, self.embed_dim), np.float32), tokens(b)],
-            }[kind](bucket)
-            params = self.composer_params if kind == "compose" else self.params
-            jax.block_until_ready(fn(params, *(jax.device_put(x, sharding) for x in inputs)))
-        return len(self._jitted)
-
-    def compiled_count(self) -> int:
-        """Compiled executables across all buckets (a warmed encoder answers every request from these)."""
-        return sum(fn._cache_size() for fn, _ in self._jitted.values())
+def load_composer(export: str | Path, model_config) -> tuple[nnx.GraphDef, dict] | None:
+    """(graphdef, params) of an export's composer, or None when it has none."""
+    path = Path(export) / COMPOSER_DIR
+    if not (path / "params.npz").is_file():
+        return None
+    meta = json.loads((path / "config.json").read_text())
+    abstract = nnx.eval_shape(lambda: Composer(model_config, meta["hidden"], rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    with np.load(path / "params.npz") as f:
+        params = unflatten(dict(f))
+    if jax.tree.structure(nnx.to_pure_dict(state)) != jax.tree.structure(params):
+        raise ValueError(f"{path}: the composer's parameters do not match its config")
+    return graphdef, params

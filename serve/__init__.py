@@ -1,1 +1,2 @@
-"""The search server and its web UI (`jaxmr serve`): a Litestar app (app.py) over the engine (engine.py)."""
+"""The server application (`python -m serve.app`, the same as `jaxmr serve`) and a UI screenshot tool, thin over
+`jaxmr.serving`."""

@@ -53,7 +53,7 @@ SMOKE_SOURCE = "shapes:n=256,n_val=64,n_test=64,size=32"
 def smoke_run(tmp_path_factory) -> Path:
     """A few-step training run of configs/shapes_tiny.py:smoke (a real checkpoint, tokenizer and config)."""
     from jaxmr.config import load_config_file
-    from jaxmr.trainer import train
+    from jaxmr.training.loop import train
 
     workdir = tmp_path_factory.mktemp("smoke_run")
     config = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py:smoke"))

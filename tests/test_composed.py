@@ -14,7 +14,7 @@ from jaxmr.cli import main
 from jaxmr.data.records import DataError
 from jaxmr.data.shapes import region
 from jaxmr.data.triplets import EDITS_PER_REFERENCE, EditsConfig, ShapesEdits, parse_triplets
-from jaxmr.eval import composed_recall
+from jaxmr.metrics import composed_recall
 
 from conftest import write_image
 
@@ -157,8 +157,9 @@ def test_composed_training_eval_and_export(composed_run, capsys):
     table = capsys.readouterr().out
     assert "composed" in table and "image_only" in table and "image_plus_text" in table
 
-    from jaxmr.composed import compose_batched, embed_split, load_composer
-    from jaxmr.export import Encoder
+    from jaxmr.encoder import Encoder
+    from jaxmr.export import load_composer
+    from jaxmr.training.composed import compose_batched, embed_split
 
     encoder = Encoder.load(composed_run / "model")
     assert encoder.has_composer
@@ -175,9 +176,9 @@ def test_server_uses_the_trained_composer(composed_run, tmp_path):
     from litestar.testing import TestClient
     from test_serve import wait_ready
 
-    from jaxmr.index import BuildOptions, build_index
-    from serve.app import create_app
-    from serve.settings import Settings
+    from jaxmr.index.build import BuildOptions, build_index
+    from jaxmr.serving.app import create_app
+    from jaxmr.serving.settings import Settings
 
     index = tmp_path / "index"
     build_index(composed_run, SMOKE_EDITS.replace("shapes-edits", "shapes"), index, split="test",

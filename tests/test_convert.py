@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxmr.convert import ConversionError, convert, import_model
 from jaxmr.models import DualEncoder
-from jaxmr.models.pretrained import merge_strict
+from jaxmr.models.torch_io import merge_strict
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -175,9 +175,10 @@ def test_hf_siglip_converts_with_identical_embeddings_and_tokens(tmp_path):
 
 def test_import_writes_an_export_that_serves_and_fine_tunes(tmp_path):
     from jaxmr.config import TrainConfig
-    from jaxmr.export import Encoder, read_export_meta
+    from jaxmr.encoder import Encoder
+    from jaxmr.export import read_export_meta
     from jaxmr.sharding import make_mesh
-    from jaxmr.trainer import build, init_state
+    from jaxmr.training.step import build, init_state
 
     reference = _clip_reference()
     folder = _save_hf(reference, tmp_path / "clip")

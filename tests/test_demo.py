@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from jaxmr.cli import main as cli
-from jaxmr.index import Searcher
+from jaxmr.index.store import Searcher
 
 from conftest import write_image
 

@@ -12,8 +12,10 @@ import pytest
 
 from jaxmr.cli import main as cli
 from jaxmr.config import load_config_file
-from jaxmr.index import BuildOptions, build_index
-from jaxmr.trainer import evaluate, load_run, read_metrics, train
+from jaxmr.index.build import BuildOptions, build_index
+from jaxmr.training.checkpoints import read_metrics
+from jaxmr.training.loop import train
+from jaxmr.training.runs import evaluate, load_run
 
 from conftest import SMOKE_SOURCE
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxmr.eval import retrieval_metrics
+from jaxmr.metrics import retrieval_metrics
 
 
 def test_recall_by_hand():

@@ -13,17 +13,15 @@ import pytest
 
 from jaxmr.cli import main
 from jaxmr.data import parse_source
-from jaxmr.export import Encoder, ModelMismatchError, export_model, flatten, unflatten
-from jaxmr.index import (
-    AnnConfig,
-    BuildOptions,
-    Collection,
-    InvalidIndexError,
-    JaxExactSearch,
-    Searcher,
-    build_index,
-    exact_search,
-)
+from jaxmr.encoder import Encoder
+from jaxmr.export import ModelMismatchError
+from jaxmr.index.ann import AnnConfig, InvalidIndexError, JaxExactSearch, exact_search
+from jaxmr.index.build import BuildOptions, build_index
+from jaxmr.index.collection import Collection
+from jaxmr.index.store import Searcher
+from jaxmr.training.exports import export_model
+from jaxmr.training.runs import run_encoder
+from jaxmr.tree import flatten, unflatten
 
 from conftest import SMOKE_SOURCE, write_image
 
@@ -102,7 +100,7 @@ def test_collection_add_delete_equals_fresh_build(method, tmp_path):
     after a save and reload."""
     import pyarrow as pa
 
-    from jaxmr.index import CAPTION_SCHEMA
+    from jaxmr.index.store import CAPTION_SCHEMA
 
     d = 32
     base, extra, queries = unit(2000, d, 0), unit(1000, d, 1), unit(50, d, 2)
@@ -146,7 +144,7 @@ def test_build_search_info_and_cli(smoke_run, smoke_index, tmp_path, capsys):
     assert zimg.dtype == np.float16 and zimg.shape == (64, 32)
 
     # The index's embeddings are the trained model's: an image's own vector finds that image first.
-    encoder = Encoder.from_run(smoke_run)
+    encoder = run_encoder(smoke_run)
     source = parse_source(SMOKE_SOURCE, "test")
     z = encoder.encode_images(np.stack([source[i]["image"] for i in range(5)]))
     ids, scores = searcher.search(z, k=3)

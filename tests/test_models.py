@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxmr import losses
 from jaxmr.data import caption_table, parse_source
-from jaxmr.eval import retrieval_metrics
+from jaxmr.metrics import retrieval_metrics
 from jaxmr.models import (
     PRESETS,
     ComposedQuery,

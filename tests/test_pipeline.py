@@ -4,17 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmr.data import (
-    DataError,
-    EvalStats,
-    PipelineConfig,
-    caption_table,
-    eval_caption_batches,
-    eval_image_batches,
-    parse_source,
-    train_iterator,
-)
-from jaxmr.data.pipeline import ImageReadError, decode
+from jaxmr.data import DataError, caption_table, parse_source
+from jaxmr.data.eval_batches import EvalStats, eval_caption_batches, eval_image_batches
+from jaxmr.data.images import ImageReadError, decode
+from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.sharding import make_mesh
 from jaxmr.text import train_bpe
 

@@ -18,8 +18,7 @@ from jaxmr.models.efficientnet import (
     preprocess,
 )
 from jaxmr.models.efficientnet import pretrained_params as efficientnet_params
-from jaxmr.models.pretrained import merge_strict
-from jaxmr.models.torch_io import CheckpointFormatError, load_torch_checkpoint
+from jaxmr.models.torch_io import CheckpointFormatError, load_torch_checkpoint, merge_strict
 from jaxmr.text import minilm_model_dir, minilm_wordpiece
 
 torch = pytest.importorskip("torch")
@@ -114,7 +113,7 @@ def test_efficientnet_sees_a_cat_and_a_coffee(efficientnet):
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    from jaxmr.data.pipeline import center_square
+    from jaxmr.data.images import center_square
 
     photos = np.stack([center_square(Image.fromarray(p()), 224) for p in (skimage_data.chelsea, skimage_data.coffee)])
     logits = np.asarray(jax.jit(lambda v: efficientnet.logits(v))(preprocess(photos)))
@@ -216,7 +215,9 @@ def lit_config(folder, **changes):
 
 
 def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_folder, tmp_path):
-    from jaxmr.trainer import evaluate, load_run, read_metrics, train
+    from jaxmr.training.checkpoints import read_metrics
+    from jaxmr.training.loop import train
+    from jaxmr.training.runs import evaluate, load_run
 
     workdir = tmp_path / "run"
     config = lit_config(tsv_folder)
@@ -246,7 +247,7 @@ def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_fold
 
 def test_lit_cached_features_refuse_trainable_towers(tsv_folder, tmp_path):
     from jaxmr.config import OptimConfig
-    from jaxmr.trainer import train
+    from jaxmr.training.loop import train
 
     config = lit_config(tsv_folder, optim=OptimConfig(freeze=("image_tower/.*",)))
     with pytest.raises(ValueError, match=r"cached_features needs frozen towers.*text_tower/"):
@@ -254,7 +255,7 @@ def test_lit_cached_features_refuse_trainable_towers(tsv_folder, tmp_path):
 
 
 def test_feature_batches_are_deterministic_and_cover_each_image_once_per_epoch():
-    from jaxmr.lit import FeatureBatches, Features
+    from jaxmr.training.lit import FeatureBatches, Features
 
     owners = np.repeat(np.arange(6), [5, 5, 1, 5, 5, 5]).astype(np.int32)
     valid = np.array([True, True, True, True, False, True])
@@ -278,8 +279,8 @@ def test_feature_batches_are_deterministic_and_cover_each_image_once_per_epoch()
 
 def test_feature_batches_draw_one_view_per_image_and_augmented_views_are_deterministic(tsv_folder):
     from jaxmr.data import parse_source
-    from jaxmr.data.pipeline import eval_image_batches
-    from jaxmr.lit import FeatureBatches, Features
+    from jaxmr.data.eval_batches import eval_image_batches
+    from jaxmr.training.lit import FeatureBatches, Features
 
     owners = np.repeat(np.arange(4), 3).astype(np.int32)
     views = np.stack([np.arange(4)[:, None] + 100.0 * v for v in range(3)])  # view v of image i = 100 v + i

@@ -10,7 +10,7 @@ from PIL import Image
 
 from jaxmr.cli import main
 from jaxmr.data import DataError, parse_source
-from jaxmr.eval import class_embeddings, class_precision_at_k, label_matrix, precision_recall_curve, zero_shot
+from jaxmr.metrics import class_embeddings, class_precision_at_k, label_matrix, precision_recall_curve, zero_shot
 
 from conftest import SMOKE_SOURCE, write_image
 
@@ -138,7 +138,7 @@ def test_report_and_class_metrics_end_to_end(smoke_run, tmp_path, capsys):
 
 
 def test_index_search_grid(smoke_run, tmp_path, capsys):
-    from jaxmr.index import BuildOptions, build_index
+    from jaxmr.index.build import BuildOptions, build_index
 
     index = tmp_path / "index"
     build_index(smoke_run, SMOKE_SOURCE, index, split="test", options=BuildOptions(chunk=64), progress=False)

@@ -15,10 +15,12 @@ import pytest
 from PIL import Image
 
 from jaxmr.data import parse_source
-from jaxmr.index import AnnConfig, BuildOptions, build_index
-from serve.app import create_app
-from serve.engine import Engine, Query, kmeans
-from serve.settings import Settings
+from jaxmr.index.ann import AnnConfig
+from jaxmr.index.build import BuildOptions, build_index
+from jaxmr.serving.app import create_app
+from jaxmr.serving.engine import Engine, Query
+from jaxmr.serving.settings import Settings
+from jaxmr.serving.views import kmeans
 
 from conftest import SMOKE_SOURCE
 

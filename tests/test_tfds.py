@@ -6,7 +6,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from jaxmr.data import DataError, parse_source  # noqa: E402
-from jaxmr.data.tfds_source import build_caption_folder  # noqa: E402
+from jaxmr.data.convert import build_caption_folder  # noqa: E402
 
 from conftest import write_image  # noqa: E402
 

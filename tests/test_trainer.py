@@ -15,7 +15,10 @@ import pytest
 from jaxmr.cli import main as cli
 from jaxmr.config import TrainConfig, from_dict, load_config_file, override, to_dict
 from jaxmr.sharding import make_mesh
-from jaxmr.trainer import build, compute_grads, load_run, make_loss, read_metrics, train
+from jaxmr.training.checkpoints import read_metrics
+from jaxmr.training.loop import train
+from jaxmr.training.runs import load_run
+from jaxmr.training.step import build, compute_grads, make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"

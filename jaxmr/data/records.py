@@ -106,3 +106,13 @@ class ConcatSource:
     def labels(self, index: int) -> list[int]:
         part, local = self._locate(int(index))
         return part.labels(local)
+
+
+def caption_table(source: Source) -> tuple[list[str], np.ndarray]:
+    """Every caption of the source in order, and for each the index of its image: (texts, int32 [C])."""
+    texts, owners = [], []
+    for i in range(len(source)):
+        captions = source.captions(i)
+        texts.extend(captions)
+        owners.extend([i] * len(captions))
+    return texts, np.asarray(owners, np.int32)

@@ -1,12 +1,11 @@
-"""TFDS image-caption datasets through `tfds.data_source` (ArrayRecord, random access, no TensorFlow), and a
-TFDS builder that turns a caption folder into ArrayRecord so large folders are read fast and at random.
-"""
+"""TFDS image-caption datasets through `tfds.data_source` (ArrayRecord, random access, no TensorFlow).
+
+The converter that writes a caption folder as such a dataset is `jaxmr.data.convert`."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 _TFDS_SPLITS = {"train": ("train",), "val": ("validation", "val", "dev"), "test": ("test",)}
 
 
-def _tfds():
+def tfds_module():
     import tensorflow_datasets as tfds  # imported lazily: it is slow to import and most runs never need it
 
     return tfds
@@ -37,7 +36,7 @@ def _texts(value: Any) -> list[str]:
 
 def _find_keys(features) -> tuple[str, str | None, str | None]:
     """(image key, captions key, id key) from a TFDS FeaturesDict."""
-    tfds = _tfds()
+    tfds = tfds_module()
     image_key = caption_key = None
     for key, feature in features.items():
         if image_key is None and isinstance(feature, tfds.features.Image):
@@ -68,7 +67,7 @@ class TfdsSource:
         if len(self._source) == 0:
             raise DataError(f"split {self.split!r} of {self.name} is empty")
         # A classification set (imagenette, cifar10, imagenet2012, ...): its ClassLabel names the classes.
-        tfds = _tfds()
+        tfds = tfds_module()
         self._label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
         self.classes = list(features[self._label_key].names) if self._label_key else []
 
@@ -97,7 +96,7 @@ class TfdsSource:
 
 
 def _open(name: str, split: str, data_dir: str | None):
-    tfds = _tfds()
+    tfds = tfds_module()
     errors = []
     for tfds_split in _TFDS_SPLITS[split]:
         try:
@@ -125,79 +124,3 @@ def _prepared_dir(name: str, data_dir: str | None) -> Path | None:
         return root
     versions = sorted((p for p in root.glob("*") if (p / "dataset_info.json").exists()), key=lambda p: p.name)
     return versions[-1] if versions else None
-
-
-def build_caption_folder(source_spec: str, out_dir: str | os.PathLike, name: str | None = None) -> Path:
-    """Writes a caption folder (any format `captions:DIR` reads) as a TFDS ArrayRecord dataset.
-
-    Returns the prepared dataset directory; read it back with `tfds:caption_folder/NAME` and
-    `TFDS_DATA_DIR=out_dir` (or `data_dir=` in the spec). Missing or unreadable images are skipped and counted.
-    """
-    from jaxmr.data.spec import parse_source
-
-    tfds = _tfds()
-    probe = parse_source(source_spec, split="all")
-    config_name = name or _slug(Path(getattr(probe, "root", "folder")).name)
-    sources = {}
-    for split, tfds_split in (("train", "train"), ("val", "validation"), ("test", "test")):
-        try:
-            sources[tfds_split] = parse_source(source_spec, split=split)
-        except DataError:
-            continue
-    skipped: list[str] = []
-
-    def examples(source) -> Iterator[tuple[str, dict]]:
-        for i in range(len(source)):
-            record = source[i]
-            try:
-                data = Path(record["image"]).read_bytes()
-                _check_image(data)
-            except (OSError, ValueError) as e:
-                log.warning("skipping %s: %s", record["image"], e)
-                skipped.append(str(record["image"]))
-                continue
-            yield record["id"], {"image": data, "captions": record["captions"], "id": record["id"]}
-
-    class CaptionFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config_name)]  # noqa: RUF012 - TFDS API
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description=f"Caption folder {source_spec}, converted by jaxmr.",
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Image(shape=(None, None, 3)),
-                        "captions": tfds.features.Sequence(tfds.features.Text()),
-                        "id": tfds.features.Text(),
-                    }
-                ),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {split: examples(src) for split, src in sources.items()}
-
-        def _generate_examples(self):  # pragma: no cover - _split_generators passes generators directly
-            raise NotImplementedError
-
-    CaptionFolder.name = "caption_folder"
-    builder = CaptionFolder(data_dir=str(out_dir), file_format="array_record")
-    builder.download_and_prepare()
-    if skipped:
-        log.warning("skipped %d unreadable images while converting %s", len(skipped), source_spec)
-    return Path(builder.data_dir)
-
-
-def _check_image(data: bytes) -> None:
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.verify()
-
-
-def _slug(text: str) -> str:
-    slug = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-    return slug or "folder"

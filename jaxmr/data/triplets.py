@@ -41,6 +41,7 @@ from jaxmr.data.shapes import (
     region,
     render,
 )
+from jaxmr.data.spec import _options
 
 EDITS_PER_REFERENCE = 2
 EDIT_KINDS = ("color", "shape", "size", "move", "add", "remove")
@@ -61,7 +62,7 @@ class TripletSource(Protocol):
     def gallery_size(self) -> int: ...
 
     def gallery_image(self, index: int) -> Any:
-        """A gallery image as `jaxmr.data.pipeline.decode` takes it (uint8 array, bytes or a path)."""
+        """A gallery image as `jaxmr.data.images.decode` takes it (uint8 array, bytes or a path)."""
         ...
 
 
@@ -315,7 +316,6 @@ class TripletFolder:
 
 def parse_triplets(spec: str, split: str | None = "train") -> TripletSource:
     """`shapes-edits[:options]` or `triplets:DIR`, for one split."""
-    from jaxmr.data.spec import _options
 
     kind, _, arg = spec.strip().partition(":")
     if kind == "shapes-edits":

@@ -10,6 +10,7 @@ from jaxmr.models.dual_encoder import (
     ModelConfig,
     abstract_model,
     l2_normalize,
+    model_graph,
     parameter_counts,
 )
 from jaxmr.models.efficientnet import EfficientNetConfig
@@ -28,5 +29,6 @@ __all__ = [
     "ViTConfig",
     "abstract_model",
     "l2_normalize",
+    "model_graph",
     "parameter_counts",
 ]

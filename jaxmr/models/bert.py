@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
 from jaxmr.models.layers import Mlp, attention, layer_norm, partitioned
+from jaxmr.models.torch_io import TorchState
 from jaxmr.sharding import constrain
+from jaxmr.text import minilm_model_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,6 @@ class Bert(nnx.Module):
 def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
     """A Hugging Face `BertModel` state dict -> our nested params. Strict: every tensor but the position-id buffer
     and the unused pooler is consumed (`ConversionError` names the rest), and a missing one is an error."""
-    from jaxmr.models.pretrained import TorchState
 
     c = config
     t = TorchState(state)
@@ -118,8 +120,5 @@ def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
 
 def pretrained_params(config: BertConfig) -> dict:
     """all-MiniLM-L6-v2's parameters, nested like `nnx.to_pure_dict(nnx.state(Bert(config)))`."""
-    from safetensors.numpy import load_file
-
-    from jaxmr.text import minilm_model_dir
 
     return convert_hf_state(load_file(minilm_model_dir() / "model.safetensors"), config)

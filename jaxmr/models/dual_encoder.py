@@ -282,3 +282,10 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     image = param_count(model.image_tower) + param_count(model.image_proj)
     text = param_count(model.text_tower) + param_count(model.text_proj)
     return {"image": image, "text": text, "total": param_count(model)}
+
+
+def model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, their Variables for sharding rules)."""
+    abstract = nnx.eval_shape(lambda: DualEncoder(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, nnx.to_pure_dict(state), state

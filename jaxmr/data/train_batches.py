@@ -1,33 +1,31 @@
-"""The grain input pipeline: random-access source -> batches of global `jax.Array`s sharded over the mesh.
+"""The grain training pipeline: random-access source -> batches of global `jax.Array`s sharded over the mesh.
 
 Training:   source -> shuffle (seeded, new order each epoch) -> decode + resize / random-resized-crop (keyed
             by global position) -> one random caption per image, tokenized -> this process's rows of each
             global batch -> batch, dropping unreadable images  [all of this in worker processes, when there
             are workers]
             -> warn and count the unreadable images -> global arrays  [main process]
-Evaluation: every image once and every caption once, in order, padded to full batches with a mask.
 
-Images leave the pipeline as uint8 (4x less to move than float32); the model normalises on the device.
-Never a horizontal flip: captions say "left of".
-"""
+Images leave the pipeline as uint8 (4x less to move than float32); the model normalises on the device. This
+training pipeline never flips an image horizontally, since the shapes world's captions say "left of"; the
+augmented views that LiT caches for photos (`jaxmr.data.eval_batches`, view > 0) do flip half the time.
+Evaluation batches are in `jaxmr.data.eval_batches`."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import math
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
+from jaxmr.data.images import ImageReadError, decode
 from jaxmr.data.records import DataError, Source
+from jaxmr.data.workers import in_workers
+from jaxmr.sharding import data_sharding, to_global
 from jaxmr.text import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,61 +55,6 @@ class PipelineConfig:
             raise ValueError("batch_size, image_size and shuffle_group must be positive and num_workers >= 0")
         if self.captions_per_image < 1:
             raise ValueError(f"captions_per_image must be at least 1, got {self.captions_per_image}")
-
-
-class ImageReadError(DataError):
-    """An image that cannot be read or decoded; names the file."""
-
-
-def _describe(image: Any) -> str:
-    return image if isinstance(image, str) else f"<{type(image).__name__}>"
-
-
-def load_image(image: np.ndarray | bytes | str, min_side: int = 0) -> Image.Image:
-    """An RGB PIL image from pixels, encoded bytes or a path. JPEGs decode at reduced scale (`draft`) when
-    `min_side` allows it, which is several times faster for large photos."""
-    try:
-        if isinstance(image, np.ndarray):
-            array = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
-            return Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8))
-        pil = Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image))
-        if min_side and pil.format == "JPEG":
-            pil.draft("RGB", (min_side, min_side))
-        return pil.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageReadError(f"cannot read image {_describe(image)}: {e}") from e
-
-
-def center_square(pil: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to `size`, then the central square (CLIP's evaluation transform)."""
-    w, h = pil.size
-    if (w, h) == (size, size):
-        return np.asarray(pil)
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    return np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0))
-
-
-def _random_resized_crop(pil: Image.Image, size: int, scale: tuple[float, float], rng: np.random.Generator):
-    """Inception-style crop: area fraction in `scale`, aspect ratio in [3/4, 4/3]; center square fallback."""
-    w, h = pil.size
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC, box=(x, y, x + cw, y + ch)))
-    return center_square(pil, size)
-
-
-def decode(image: Any, size: int, crop_scale=(1.0, 1.0), rng: np.random.Generator | None = None) -> np.ndarray:
-    """uint8 [size, size, 3] from any image a record may hold."""
-    if isinstance(image, np.ndarray) and image.shape == (size, size, 3) and crop_scale == (1.0, 1.0):
-        return image.astype(np.uint8, copy=False)
-    crop = crop_scale != (1.0, 1.0) and rng is not None
-    pil = load_image(image, min_side=int(size / math.sqrt(crop_scale[0])) if crop else size)
-    return _random_resized_crop(pil, size, crop_scale, rng) if crop else center_square(pil, size)
 
 
 class Ungroup(grain.MapDataset):
@@ -213,53 +156,6 @@ class _ReadableBatchIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def _flags_parsed() -> None:
-    # grain reads absl flags in its workers; a library must not require the caller to parse them.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
-def _quiet_grain_teardown(worker_index: int = 0, worker_count: int = 1) -> None:
-    """grain's prefetch iterators close themselves in `__del__`, which fails harmlessly while the
-    interpreter is tearing down (module globals already None) and prints a traceback per iterator.
-    Silence exactly that case; every other unraisable exception is still printed."""
-    import sys
-
-    default_hook = sys.unraisablehook
-    if getattr(default_hook, "_jaxmr_quiet", False):
-        return
-
-    def hook(unraisable) -> None:
-        teardown = isinstance(unraisable.exc_value, AttributeError) and "NoneType" in str(unraisable.exc_value)
-        if not (teardown and "DatasetIterator.__del__" in repr(unraisable.object)):
-            default_hook(unraisable)
-
-    hook._jaxmr_quiet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-
-
-def _in_workers(dataset: grain.IterDataset, num_workers: int, buffer_size: int = 2) -> grain.IterDataset:
-    """Runs everything upstream of this point in `num_workers` processes (none: unchanged)."""
-    if num_workers <= 0:
-        return dataset
-    _flags_parsed()
-    _quiet_grain_teardown()
-    options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer_size)
-    return dataset.mp_prefetch(options, worker_init_fn=_quiet_grain_teardown)
-
-
-def data_sharding(mesh: jax.sharding.Mesh, axes: str | tuple[str, ...] = "data") -> jax.sharding.NamedSharding:
-    """Batch dimension split over `axes` of `mesh`, everything else replicated."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays sharded over the data axis."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
 class TrainIterator:
     """Batches for training: `next()` gives a dict image uint8 [B, S, S, 3], text int32 [B, L] (or [B, k, L] with k
     captions per image), index int32 [B]
@@ -329,122 +225,5 @@ def train_iterator(
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2 * local_batch)
     dataset = dataset.to_iter_dataset(read)
     dataset = ReadableBatches(dataset, local_batch)
-    dataset = _in_workers(dataset, config.num_workers, config.worker_buffer_size)
+    dataset = in_workers(dataset, config.num_workers, config.worker_buffer_size)
     return TrainIterator(dataset, data_sharding(mesh, data_axes) if mesh is not None else None)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-class EvalImage(grain.transforms.Map):
-    """Record index -> {image, valid}; an unreadable image gives zeros and valid=False (warned).
-
-    `view` > 0 gives an augmented view instead of the plain resize: a random resized crop (area in `crop_scale`)
-    flipped left-right half the time, the same for the same (seed, view, index) — cached LiT features use them."""
-
-    def __init__(self, source: Source, image_size: int, strict: bool = False, view: int = 0,
-                 crop_scale: tuple[float, float] = (1.0, 1.0), seed: int = 0):  # fmt: skip
-        self.source, self.image_size, self.strict = source, image_size, strict
-        self.view, self.crop_scale, self.seed = view, crop_scale, seed
-
-    def _decode(self, image: Any, index: int) -> np.ndarray:
-        if self.view == 0:
-            return decode(image, self.image_size)
-        rng = np.random.default_rng([self.seed, self.view, index])
-        pixels = decode(image, self.image_size, self.crop_scale, rng)
-        return pixels[:, ::-1] if rng.random() < 0.5 else pixels
-
-    def map(self, index: int) -> dict[str, Any]:
-        record = self.source[index]
-        try:
-            image, valid = self._decode(record["image"], index), True
-        except ImageReadError as e:
-            if self.strict:
-                raise
-            log.warning("evaluation: %s", e)
-            image, valid = np.zeros((self.image_size, self.image_size, 3), np.uint8), False
-        return {"image": image, "valid": valid, "index": np.int32(index)}
-
-
-def _pad_batches(elements: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Stacks elements into batches of exactly `batch_size`; `mask` is False on the padding rows."""
-    chunk: list[dict[str, Any]] = []
-    for element in elements:
-        chunk.append(element)
-        if len(chunk) == batch_size:
-            yield _stack(chunk, batch_size)
-            chunk = []
-    if chunk:
-        yield _stack(chunk, batch_size)
-
-
-def _stack(chunk: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
-    out = {}
-    for key in chunk[0]:
-        values = np.stack([np.asarray(c[key]) for c in chunk])
-        pad = np.zeros((batch_size - len(chunk), *values.shape[1:]), values.dtype)
-        out[key] = np.concatenate([values, pad])
-    out["mask"] = np.arange(batch_size) < len(chunk)
-    return out
-
-
-@dataclasses.dataclass
-class EvalStats:
-    n_images: int = 0
-    n_captions: int = 0
-    unreadable_images: list[int] = dataclasses.field(default_factory=list)
-
-
-def eval_image_batches(
-    source: Source,
-    image_size: int,
-    batch_size: int,
-    num_workers: int = 0,
-    strict: bool = False,
-    stats: EvalStats | None = None,
-    view: int = 0,
-    crop_scale: tuple[float, float] = (1.0, 1.0),
-    seed: int = 0,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Every image once, in source order: image uint8 [B, S, S, 3], index int32 [B], mask bool [B]
-    (False on padding rows and on unreadable images, whose indices go to `stats.unreadable_images`).
-    `view` > 0: augmented views (see `EvalImage`)."""
-    transform = EvalImage(source, image_size, strict, view, crop_scale, seed)
-    dataset = grain.MapDataset.range(len(source)).map(transform).to_iter_dataset()
-    dataset = _in_workers(dataset, num_workers)
-    for batch in _pad_batches(iter(dataset), batch_size):
-        valid = batch.pop("valid") & batch["mask"]
-        if stats is not None:
-            stats.n_images += int(batch["mask"].sum())
-            stats.unreadable_images.extend(batch["index"][batch["mask"] & ~valid].tolist())
-        batch["mask"] = valid
-        yield batch
-
-
-def caption_table(source: Source) -> tuple[list[str], np.ndarray]:
-    """Every caption of the source in order, and for each the index of its image: (texts, int32 [C])."""
-    texts, owners = [], []
-    for i in range(len(source)):
-        captions = source.captions(i)
-        texts.extend(captions)
-        owners.extend([i] * len(captions))
-    return texts, np.asarray(owners, np.int32)
-
-
-def eval_caption_batches(
-    texts: list[str],
-    owners: np.ndarray,
-    tokenizer: Tokenizer,
-    batch_size: int,
-    stats: EvalStats | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Every caption once, in order: text int32 [B, L], image_index int32 [B], mask bool [B]."""
-    if stats is not None:
-        stats.n_captions += len(texts)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        elements = [
-            {"text": t, "image_index": o}
-            for t, o in zip(tokenizer.encode(chunk), owners[start : start + batch_size], strict=True)
-        ]
-        yield _stack(elements, batch_size)

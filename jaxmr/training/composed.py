@@ -12,8 +12,7 @@ the server use for composed queries.
 
 Evaluation ranks the split's whole gallery (its own reference left out) for three queries in one table: the
 trained composer, the reference image alone, and the normalised sum of the reference image and the text
-embedded by the base model (what the server does without a composer).
-"""
+embedded by the base model (what the server does without a composer)."""
 
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -33,18 +31,22 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxmr.config import ComposedConfig, claim_workdir, from_dict, load_config, to_dict
-from jaxmr.data.pipeline import ImageReadError
+from jaxmr.config import ComposedConfig, claim_workdir, from_dict, read_config_json, to_dict
+from jaxmr.data.images import ImageReadError
 from jaxmr.data.triplets import TripletSource, parse_triplets
-from jaxmr.eval import composed_recall
-from jaxmr.export import Encoder, export_model, fingerprint, flatten, read_export_meta, unflatten
+from jaxmr.encoder import Encoder
+from jaxmr.export import COMPOSER_DIR, fingerprint, is_export, load_composer, read_export_meta
+from jaxmr.metrics import composed_recall
 from jaxmr.models import Composer, l2_normalize
-from jaxmr.sharding import make_mesh
-from jaxmr.trainer import MetricsWriter, TrainState, batch_axes, make_loss, make_optimizer, make_train_step
+from jaxmr.sharding import batch_axes, make_mesh
+from jaxmr.training.checkpoints import MetricsWriter
+from jaxmr.training.runs import export_run, load_encoder
+from jaxmr.training.step import TrainState, make_loss, make_optimizer, make_train_step
+from jaxmr.tree import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
-COMPOSER_DIR = "composer"
+
 QUERIES = ("composed", "image_only", "image_plus_text")
 
 
@@ -53,21 +55,7 @@ def is_composed_run(workdir: str | Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("__type__") == "ComposedConfig"
 
 
-def load_base(base: str | Path) -> Encoder:
-    """The base dual encoder from a model export or a training run directory."""
-    base = Path(base)
-    if (base / "params.npz").is_file():
-        return Encoder.load(base)
-    if (base / "config.json").is_file():
-        return Encoder.from_run(base)
-    raise ValueError(f"base model {base}: neither a model export nor a training run (train one first, e.g. "
-                     "`jaxmr train --config configs/shapes_tiny.py --workdir runs/shapes_tiny`)")  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-@dataclass
+@dataclasses.dataclass
 class TripletSplit:
     """One split, embedded: gallery [G, E]; references, targets int [N] gallery rows; texts; tokens int [N, L]."""
 
@@ -174,7 +162,7 @@ def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) ->
     """Trains the composer of `config` in `workdir` (from scratch: minutes; the gallery embeddings are reused)
     and writes the export `workdir/model`. Returns the last evaluation."""
     workdir = claim_workdir(config, workdir)
-    encoder = load_base(config.base)
+    encoder = load_encoder(config.base)
     train_data = embed_split(parse_triplets(config.data, config.train_split), encoder, workdir / "features", progress)
     val_data = embed_split(parse_triplets(config.data, config.eval_split), encoder, workdir / "features", progress)
     mesh = make_mesh(config.mesh)
@@ -243,16 +231,16 @@ def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) ->
 def export_composed(workdir: str | Path, out: str | Path) -> str:
     """The base model's export plus `composer/` (params.npz, config.json); returns the base fingerprint."""
     workdir, out = Path(workdir), Path(out)
-    config = load_config(workdir / "config.json")
+    config = read_config_json(workdir / "config.json")
     with np.load(workdir / "composer.npz") as f:
         params = unflatten(dict(f))
     base = Path(config.base)
     if out.exists():
         shutil.rmtree(out)
-    if (base / "params.npz").is_file():
+    if is_export(base):
         shutil.copytree(base, out, ignore=shutil.ignore_patterns(COMPOSER_DIR))
     else:
-        export_model(base, out)
+        export_run(base, out)
     meta = read_export_meta(out)
     model_config = from_dict(meta["config"]).model
     target = out / COMPOSER_DIR
@@ -270,25 +258,10 @@ def export_composed(workdir: str | Path, out: str | Path) -> str:
     return meta["fingerprint"]
 
 
-def load_composer(export: str | Path, model_config) -> tuple[nnx.GraphDef, dict] | None:
-    """(graphdef, params) of an export's composer, or None when it has none."""
-    path = Path(export) / COMPOSER_DIR
-    if not (path / "params.npz").is_file():
-        return None
-    meta = json.loads((path / "config.json").read_text())
-    abstract = nnx.eval_shape(lambda: Composer(model_config, meta["hidden"], rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    with np.load(path / "params.npz") as f:
-        params = unflatten(dict(f))
-    if jax.tree.structure(nnx.to_pure_dict(state)) != jax.tree.structure(params):
-        raise ValueError(f"{path}: the composer's parameters do not match its config")
-    return graphdef, params
-
-
 def evaluate(workdir: str | Path, source_spec: str | None = None, split: str | None = None) -> dict[str, float]:
     """The three queries' recall on a split of the run's triplet source (or another)."""
     workdir = Path(workdir)
-    config = load_config(workdir / "config.json")
+    config = read_config_json(workdir / "config.json")
     export = workdir / "model"
     if not (export / COMPOSER_DIR).is_dir():
         raise ValueError(f"{workdir} has no trained composer yet (no {export / COMPOSER_DIR})")

@@ -19,13 +19,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxmr.config import TrainConfig, to_dict
 from jaxmr.data import DataError, Source, parse_source
-from jaxmr.data.pipeline import to_global
-from jaxmr.eval import retrieval_metrics
+from jaxmr.metrics import retrieval_metrics
 from jaxmr.models import l2_normalize
+from jaxmr.sharding import to_global
 from jaxmr.text import Tokenizer
+from jaxmr.training.evaluators import Evaluator
+from jaxmr.tree import param_paths
 
 log = logging.getLogger(__name__)
 TOWERS = ("image_tower", "text_tower")
@@ -98,7 +101,6 @@ def augmented_views(trainable, params: dict, source: Source, tokenizer: Tokenize
 
 def _tower_evaluator(trainable, source: Source, tokenizer: Tokenizer):
     """An Evaluator whose embeddings are the towers' raw features (what LiT caches)."""
-    from jaxmr.trainer import Evaluator
 
     return Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
                      image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
@@ -177,7 +179,6 @@ class FeatureEvaluator:
     """Recall@K of the heads on cached eval-split features (the same metrics `jaxmr eval` computes end to end)."""
 
     def __init__(self, features: Features, trainable):
-        from flax import nnx
 
         self.features = features
         graphdef = trainable.graphdef
@@ -201,7 +202,6 @@ class FeatureEvaluator:
 def cached_training(config: TrainConfig, trainable, params: dict, tokenizer: Tokenizer, workdir: Path,
                     progress: bool = True) -> tuple[FeatureBatches, FeatureEvaluator]:  # fmt: skip
     """The batches and the evaluator of a cached-features run (features computed on first use)."""
-    from jaxmr.trainer import param_paths
 
     check_towers_frozen(config, jax.tree.leaves(param_paths(params)))
     data = config.data

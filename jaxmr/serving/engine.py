@@ -2,8 +2,7 @@
 
 Concurrent queries wait in one asyncio queue; a single worker takes everything that queued up (at most
 `max_batch`), encodes all their texts in one call and all their images in another, and runs one batched
-search per target. The encoders pad to fixed buckets that were compiled at start-up, so no request compiles.
-"""
+search per target. The encoders pad to fixed buckets that were compiled at start-up, so no request compiles."""
 
 from __future__ import annotations
 
@@ -19,38 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxmr.data.pipeline import ImageReadError
-from jaxmr.index import Searcher
-from serve.metrics import Metrics
-from serve.settings import Settings
-
-
-class BadRequest(ValueError):
-    """Client input the server refuses (a 400), with a message meant for the client."""
-
-
-class TooLarge(BadRequest):
-    """An upload over the size limits (a 413)."""
-
-
-def decode_upload(data: bytes, settings: Settings) -> Image.Image:
-    """Untrusted bytes -> an RGB image, checked against the byte and pixel limits before decoding."""
-    if len(data) > settings.max_upload_bytes:
-        raise TooLarge(f"image of {len(data)} bytes is over the limit of {settings.max_upload_bytes} bytes")
-    if not data:
-        raise BadRequest("the image is empty")
-    try:
-        pil = Image.open(io.BytesIO(data))  # reads the header only
-        if pil.width * pil.height > settings.max_pixels:
-            raise TooLarge(f"image of {pil.width}x{pil.height} pixels is over the limit of {settings.max_pixels}")
-        pil.load()
-        return pil.convert("RGB")
-    except TooLarge:
-        raise
-    except Image.UnidentifiedImageError:
-        raise BadRequest("not a readable image: the format is not one Pillow knows (JPEG, PNG, WebP, ...)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadRequest(f"not a readable image: {e}") from None
+from jaxmr.data.images import ImageReadError
+from jaxmr.index.store import Searcher
+from jaxmr.serving.settings import Settings
+from jaxmr.serving.telemetry import Metrics
+from jaxmr.serving.uploads import BadRequest, decode_upload
+from jaxmr.serving.views import kmeans, project_2d
 
 
 @dataclasses.dataclass
@@ -289,37 +262,3 @@ class Engine:
                 "points": [{"id": int(i), "x": float(x), "y": float(y)} for i, (x, y) in zip(ids, xy, strict=True)],
             }}  # fmt: skip
         return self._projection[key]
-
-
-def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> np.ndarray:
-    """Cluster labels int [N] of rows of x [N, E] (k-means++ start, Lloyd iterations)."""
-    rng = np.random.default_rng(seed)
-    centres = [x[rng.integers(len(x))]]
-    for _ in range(1, k):
-        d = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
-        centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
-    centres = np.asarray(centres)
-    labels = np.zeros(len(x), np.int64)
-    for _ in range(iterations):
-        labels = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-        for c in range(k):
-            if (labels == c).any():
-                centres[c] = x[labels == c].mean(0)
-    return labels
-
-
-def project_2d(vectors: np.ndarray) -> tuple[np.ndarray, str]:
-    """float32 [N, E] -> ([N, 2] in [-1, 1], method): t-SNE when there are enough points, else PCA."""
-    if len(vectors) >= 10:
-        from sklearn.manifold import TSNE
-
-        xy = TSNE(2, perplexity=min(30.0, (len(vectors) - 1) / 3), init="pca", random_state=0).fit_transform(vectors)
-        method = "tsne"
-    else:
-        centred = vectors - vectors.mean(0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        xy = centred @ vt[:2].T if len(vectors) > 1 else np.zeros((len(vectors), 2))
-        xy = np.pad(xy, ((0, 0), (0, max(0, 2 - xy.shape[1]))))
-        method = "pca"
-    scale = np.abs(xy).max() or 1.0
-    return (xy / scale).astype(np.float32), method

@@ -1,0 +1,329 @@
+"""The versioned index on disk: versions committed atomically, one writer lock, and the `Searcher` that reads them.
+
+An index directory:
+
+    model/              the exported encoders (`jaxmr.export`), so serving needs no training run
+    current -> v000003  the live version, replaced atomically (a symlink swap) by every change
+    v000003/
+        manifest.json   model fingerprint, training config, counts, ScaNN parameters, source, times, version
+        images/         embeddings.npy (float16 | float32 [N, E]), ids.npy (int64 [N]), meta.parquet, scann/
+        captions/       the same for captions, when the source has them (meta: id, image_id, text)
+    files/              image files the index owns (rendered, decoded from a dataset or uploaded), by id
+    .build/             embedded chunks of an unfinished build: the next `build_index` resumes from them
+    .lock               held by the writer (build, add, delete); readers never take it
+
+Versions are immutable once renamed into place, so any number of readers can load one while a single writer
+prepares the next; the two previous versions are kept for readers still loading them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from jaxmr.data.images import center_square, load_image
+from jaxmr.encoder import Encoder
+from jaxmr.export import ModelMismatchError
+from jaxmr.index.ann import AnnConfig, InvalidIndexError
+from jaxmr.index.collection import Collection
+
+INDEX_FORMAT = 1
+KEEP_VERSIONS = 3
+TARGETS = ("images", "captions")
+
+
+# -------------------------------------------------------------------------------------- the index on disk
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """One writer at a time across processes (an advisory lock on INDEX_DIR/.lock)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def current_version(path: Path) -> Path | None:
+    link = path / "current"
+    return path / os.readlink(link) if link.is_symlink() else None
+
+
+def _commit(path: Path, manifest: dict, collections: dict[str, Collection | None]) -> Path:
+    """Writes a new version directory, then points `current` at it (rename of a symlink: atomic)."""
+    number = int(manifest["version"])
+    name = f"v{number:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path))
+    try:
+        for target, collection in collections.items():
+            if collection is not None:
+                collection.save(tmp / target)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        final = path / name
+        if final.exists():  # left by a writer that died between rename and link swap
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    link = path / f".current.{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(name)
+    os.replace(link, path / "current")
+    versions = sorted(p for p in path.iterdir() if re.fullmatch(r"v\d{6}", p.name))
+    for old in versions[:-KEEP_VERSIONS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    version = current_version(path)
+    if version is None:
+        hint = " (an unfinished build: run `jaxmr index build` again to resume)" if (path / ".build").exists() else ""
+        raise InvalidIndexError(f"{path} is not an index{hint}")
+    return json.loads((version / "manifest.json").read_text())
+
+
+@dataclasses.dataclass
+class _State:
+    version: Path
+    manifest: dict[str, Any]
+    images: Collection
+    captions: Collection | None
+
+
+class Searcher:
+    """A loaded index: batched search over images and captions, and add / delete without a rebuild.
+
+    Reads use a consistent snapshot (a search never sees half a change). Changes take the directory's writer
+    lock, start from the newest committed version (another process may have changed it), and commit a new
+    version atomically; `refresh()` picks up other writers' versions.
+    """
+
+    def __init__(self, path: str | os.PathLike, encoder: Encoder | None = None, load_encoder: bool = True):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._state = self._load()
+        model_dir = self.path / "model"
+        if encoder is None and load_encoder:
+            encoder = Encoder.load(model_dir)
+        if encoder is not None and encoder.fingerprint != self.manifest["model"]["fingerprint"]:
+            raise ModelMismatchError(
+                f"the model (fingerprint {encoder.fingerprint}) is not the one that built the index {self.path} "
+                f"(fingerprint {self.manifest['model']['fingerprint']}); rebuild the index with this model or "
+                "serve it with its own model"
+            )
+        self.encoder = encoder
+
+    def _load(self) -> _State:
+        for _ in range(3):  # a version may be pruned between reading the link and opening it: read again
+            version = current_version(self.path)
+            if version is None:
+                read_manifest(self.path)  # raises the helpful error
+            try:
+                manifest = json.loads((version / "manifest.json").read_text())
+                if manifest.get("format") != INDEX_FORMAT:
+                    raise InvalidIndexError(
+                        f"{self.path}: index format {manifest.get('format')!r}, expected {INDEX_FORMAT}"
+                    )
+                images = Collection.load(version / "images", AnnConfig.from_manifest(manifest["images"]["ann"]))
+                captions = None
+                if manifest.get("captions"):
+                    captions = Collection.load(
+                        version / "captions", AnnConfig.from_manifest(manifest["captions"]["ann"])
+                    )
+                return _State(version, manifest, images, captions)
+            except FileNotFoundError:
+                continue
+        raise InvalidIndexError(f"{self.path}: cannot read the current version (files missing)")
+
+    # ---- reading
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._state.manifest
+
+    @property
+    def version(self) -> int:
+        return int(self._state.manifest["version"])
+
+    def collection(self, target: str = "images") -> Collection:
+        state = self._state
+        if target not in TARGETS:
+            raise ValueError(f"target must be 'images' or 'captions', got {target!r}")
+        if target == "captions" and state.captions is None:
+            raise ValueError("this index has no captions (built with --no-captions or from uncaptioned images)")
+        return state.images if target == "images" else state.captions
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, target: str = "images", exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, E] (unit norm) -> (ids int64 [Q, k'], scores float32 [Q, k']), best first."""
+        queries = np.asarray(queries, np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.manifest["model"]["embed_dim"]:
+            raise ValueError(f"queries must be [Q, {self.manifest['model']['embed_dim']}], got {queries.shape}")
+        return self.collection(target).search(queries, k, exact)
+
+    def search_text(self, texts: Sequence[str], k: int = 10, target: str = "images", exact: bool = False):
+        """Text queries -> (ids, scores) as `search`."""
+        return self.search(self._require_encoder().encode_texts(texts), k, target, exact)
+
+    def records(self, ids: Sequence[int], target: str = "images") -> list[dict[str, Any] | None]:
+        return self.collection(target).records(ids)
+
+    def image_file(self, image_id: int) -> Path | None:
+        """The image file of an id (inside the index for owned images), None for an unknown id."""
+        (record,) = self.records([image_id])
+        if record is None or not record["path"]:  # unknown id, or vectors without a file (`write_index`)
+            return None
+        path = Path(record["path"])
+        return path if path.is_absolute() else self.path / path
+
+    def refresh(self) -> bool:
+        """Loads the newest committed version if another writer made one; True when it changed."""
+        version = current_version(self.path)
+        if version == self._state.version:
+            return False
+        with self._lock:
+            self._state = self._load()
+        return True
+
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise ValueError("this Searcher was opened without a model; text and image queries need one")
+        return self.encoder
+
+    # ---- writing
+
+    def add(
+        self, images: Sequence[np.ndarray | bytes | str], captions: Sequence[Sequence[str]] | None = None
+    ) -> list[int]:
+        """Embeds and adds images (pixels, encoded bytes or paths; with optional captions); returns their ids.
+
+        Unreadable images raise `ImageReadError` before anything changes. Bytes and pixels are stored in the
+        index's files/ (bytes as given); paths are referenced where they are."""
+        encoder = self._require_encoder()
+        captions = [list(c) for c in captions] if captions is not None else [[] for _ in images]
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
+        decoded = [load_image(image) for image in images]
+        pixels = np.stack([center_square(pil, encoder.image_size) for pil in decoded]) if decoded else None
+        with self._lock, _writer_lock(self.path):
+            state = self._load()
+            first = int(state.manifest["next_image_id"])
+            ids = np.arange(first, first + len(images), dtype=np.int64)
+            rows = []
+            for i, image, pil, caps in zip(ids, images, decoded, captions, strict=True):
+                rows.append(_image_row(int(i), image, pil, caps, self.path))
+            if not rows:
+                return []
+            zimg = encoder.encode_images(pixels)
+            manifest = dict(state.manifest, next_image_id=first + len(images), updated=_now())
+            images_col = state.images.added(ids, zimg, pa.Table.from_pylist(rows, schema=state.images.meta.schema))
+            captions_col = state.captions
+            texts = [(int(i), t) for i, caps in zip(ids, captions, strict=True) for t in caps]
+            if captions_col is not None and texts:
+                c0 = int(state.manifest["next_caption_id"])
+                cids = np.arange(c0, c0 + len(texts), dtype=np.int64)
+                ztxt = encoder.encode_texts([t for _, t in texts])
+                meta = pa.Table.from_pylist(
+                    [{"id": int(c), "image_id": i, "text": t} for c, (i, t) in zip(cids, texts, strict=True)],
+                    schema=captions_col.meta.schema,
+                )
+                captions_col = captions_col.added(cids, ztxt, meta)
+                manifest["next_caption_id"] = c0 + len(texts)
+            self._commit(state, manifest, images_col, captions_col)
+        return [int(i) for i in ids]
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Removes images (and their captions) by id; returns how many existed. Their owned files go too."""
+        with self._lock, _writer_lock(self.path):
+            state = self._load()
+            rows = state.images.rows_of(ids)
+            present = [int(i) for i in np.unique(np.asarray(ids, np.int64)[rows >= 0])]
+            if not present:
+                return 0
+            owned = [
+                r["path"] for r in state.images.records(present) if r["path"] and not Path(r["path"]).is_absolute()
+            ]
+            images_col = state.images.removed(present)
+            captions_col = state.captions
+            if captions_col is not None:
+                gone = np.isin(np.asarray(captions_col.meta["image_id"], np.int64), present)
+                captions_col = captions_col.removed(captions_col.ids[gone])
+            self._commit(state, dict(state.manifest, updated=_now()), images_col, captions_col)
+        for relative in owned:
+            (self.path / relative).unlink(missing_ok=True)
+        return len(present)
+
+    def _commit(self, state: _State, manifest: dict, images: Collection, captions: Collection | None) -> None:
+        manifest["version"] = int(state.manifest["version"]) + 1
+        manifest["images"] = dict(manifest["images"], count=len(images))
+        if captions is not None:
+            manifest["captions"] = dict(manifest["captions"], count=len(captions))
+        version = _commit(self.path, manifest, {"images": images, "captions": captions})
+        self._state = _State(version, manifest, images, captions)
+
+
+def _image_row(image_id: int, image: Any, pil: Image.Image, captions: list[str], root: Path) -> dict[str, Any]:
+    """The metadata row of an image, storing its bytes under files/ when it has no file of its own."""
+    if isinstance(image, str | Path) and Path(image).is_file():
+        path = str(Path(image).resolve())
+    else:
+        files = root / "files"
+        files.mkdir(exist_ok=True)
+        if isinstance(image, bytes):
+            ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}.get(
+                Image.open(io.BytesIO(image)).format
+            )
+            if ext is None:  # an unusual format: keep a PNG the browser can show
+                name = f"files/{image_id:09d}.png"
+                pil.save(root / name)
+            else:
+                name = f"files/{image_id:09d}{ext}"
+                (root / name).write_bytes(image)
+        else:
+            name = f"files/{image_id:09d}.png"
+            pil.save(root / name)
+        path = name
+    return {"id": image_id, "path": path, "width": pil.width, "height": pil.height, "captions": captions}
+
+
+IMAGE_SCHEMA = pa.schema([
+    ("id", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("captions", pa.list_(pa.string())),
+])  # fmt: skip
+CAPTION_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+
+
+def index_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an index, with its directory's size on disk."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    version = current_version(path)
+    manifest["disk_bytes"] = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
+    return manifest
