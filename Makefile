@@ -31,9 +31,12 @@ browser:
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
+# ruff for style; import-linter for the layers contract in pyproject.toml (imports run only downward, and the
+# serving path loads no training code).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .

@@ -152,6 +152,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _eval_report(args: argparse.Namespace) -> None:
     from jaxmr import report
     from jaxmr.data import parse_source
+    from jaxmr.evaluators import ClassPrecision, EncoderEmbedder
+    from jaxmr.training.runs import load_encoder
 
     templates = tuple(args.prompt) or None  # None: the labelled source's own, or jaxmr.metrics.TEMPLATES
     bad = [t for t in args.prompt if t.count("{}") != 1]
@@ -165,10 +167,8 @@ def _eval_report(args: argparse.Namespace) -> None:
         else:
             print(f"wrote {Path(args.report) / 'report.md'} and report.html")
         return
-    encoder = report.load_encoder(args.workdir)
-    source = parse_source(args.labelled, args.split)
-    classes = report.class_report(encoder, source, report.embed_images(encoder, source, progress=not args.json),
-                                  templates)  # fmt: skip
+    evaluator = ClassPrecision(parse_source(args.labelled, args.split), templates)
+    classes = evaluator.report(EncoderEmbedder(load_encoder(args.workdir)), progress=not args.json)
     if args.json:
         print(json.dumps(classes))
         return

@@ -11,12 +11,12 @@ import ast
 import dataclasses
 import importlib.util
 import json
-import os
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from jaxmr.files import write_text
 from jaxmr.models import BertConfig, ConvConfig, EfficientNetConfig, ModelConfig, TextConfig, ViTConfig
 
 
@@ -77,7 +77,11 @@ class TrainConfig:
     eval_batch_size: int = 256
     checkpoint_every: int = 500  # and at the end
     keep_checkpoints: int = 2  # the latest K, plus the best by best_metric
-    best_metric: str = "t2i_r1"  # higher is better
+    best_metric: str = "t2i_r1"  # higher is better; a key of the evaluation's metrics
+    # What every evaluation runs (`jaxmr.evaluators`): "retrieval" (R@K both ways), "classes" (class-name
+    # precision and zero-shot on a labelled set), "composed"; on the run's own source and eval split, or
+    # "NAME@SOURCE_SPEC" on another. The first one's metrics keep their names, the others' go under "NAME/".
+    evaluators: tuple[str, ...] = ("retrieval",)
     # LiT with both towers frozen: compute the towers' features once (cached in the workdir) and train only the
     # projection heads on them — minutes instead of hours on a CPU.
     cached_features: bool = False
@@ -104,6 +108,8 @@ class TrainConfig:
         if (self.batch_size // self.captions_per_image) % self.grad_accum:
             raise ValueError(f"the {self.batch_size // self.captions_per_image} images of a batch do not split into "
                              f"grad_accum={self.grad_accum} micro-batches")  # fmt: skip
+        if not self.evaluators:
+            raise ValueError("evaluators must name at least one evaluator (e.g. ('retrieval',))")
         if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
 
@@ -183,10 +189,7 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 def write_config_json(config: TrainConfig, path: str | Path) -> None:
     """Writes the config as JSON, atomically (another process may be reading the file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def read_config_json(path: str | Path) -> TrainConfig:

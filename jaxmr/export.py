@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmr.config import TrainConfig, from_dict, to_dict
+from jaxmr.files import atomic_dir
 from jaxmr.models import Composer
 from jaxmr.text import Tokenizer, load_tokenizer
 from jaxmr.tree import flatten, unflatten
@@ -58,10 +57,7 @@ def write_export(out: str | os.PathLike, config: TrainConfig, params: dict, toke
     (the run's workdir, or the checkpoint a model was imported from).
 
     Written to a temporary sibling and renamed into place, so `out` is either the old export or the new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         np.savez(tmp / "params.npz", **flatten(params))
         tokenizer.save(tmp / "tokenizer")
         meta = {
@@ -73,11 +69,6 @@ def write_export(out: str | os.PathLike, config: TrainConfig, params: dict, toke
             "config": to_dict(config),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta["fingerprint"]
 
 

@@ -20,74 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from jaxmr.data import caption_table, parse_source
-from jaxmr.data.images import ImageReadError
-from jaxmr.data.records import DataError, Source, has_labels
-from jaxmr.encoder import Encoder
+from jaxmr.data.records import Source, has_labels
+from jaxmr.evaluators import KS, ClassPrecision, EncoderEmbedder, embed_images
 from jaxmr.metrics import (
-    TEMPLATES,
     class_embeddings,
-    class_precision_at_k,
     label_matrix,
     precision_recall_curve,
     retrieval_metrics,
-    zero_shot,
 )
 from jaxmr.training.runs import load_encoder
 from jaxmr.viz import result_grid
 
 log = logging.getLogger(__name__)
 
-KS = (10, 100)
 DIRECTIONS = (("t2i", "text -> image"), ("i2t", "image -> text"))
-
-
-def embed_images(encoder: Encoder, source: Source, batch: int = 256, progress: bool = False) -> np.ndarray:
-    """[N, E] image embeddings of a whole source (an unreadable image is an error naming it)."""
-    out = np.zeros((len(source), encoder.embed_dim), np.float32)
-    bar = tqdm(total=len(source), desc="embedding images", unit="img", disable=not progress)
-    for start in range(0, len(source), batch):
-        pixels = []
-        for i in range(start, min(start + batch, len(source))):
-            try:
-                pixels.append(encoder.preprocess(source[i]["image"]))
-            except ImageReadError as e:
-                raise ImageReadError(f"{source.name}: record {i}: {e}") from None
-        out[start : start + len(pixels)] = encoder.encode_images(np.stack(pixels))
-        bar.update(len(pixels))
-    bar.close()
-    return out
-
-
-def class_report(encoder: Encoder, source: Source, zimg: np.ndarray, templates=None, ks=KS) -> dict[str, Any]:
-    """Class-name precision@K and zero-shot accuracy on a labelled source whose images are embedded in zimg.
-    `templates`: the prompts; by default the source's own (`source.templates`, the shapes world has some) or
-    `jaxmr.metrics.TEMPLATES`."""
-    if not has_labels(source):
-        raise DataError(f"{source.name} has no class labels (use labelled:DIR, a TFDS classification set or shapes)")
-    templates = tuple(templates or getattr(source, "templates", None) or TEMPLATES)
-    classes = list(source.classes)
-    labels = label_matrix([source.labels(i) for i in range(len(source))], len(classes))
-    zclass = class_embeddings(encoder.encode_texts, classes, tuple(templates))
-    precision = class_precision_at_k(zclass @ zimg.T, labels.T, ks)
-    shot = zero_shot(zimg @ zclass.T, labels)
-    rows = [
-        {"class": name, "images": int(labels[:, c].sum()),
-         **{f"p@{k}": float(precision[f"p@{k}"][c]) for k in ks},
-         "zero_shot_precision": float(shot["precision"][c]), "zero_shot_recall": float(shot["recall"][c])}
-        for c, name in enumerate(classes)
-    ]  # fmt: skip
-    return {
-        "source": source.name, "n_images": len(source), "n_classes": len(classes), "templates": list(templates),
-        **{f"mean_p@{k}": float(precision[f"p@{k}"].mean()) for k in ks},
-        "zero_shot_top1": shot["top1"], "zero_shot_top5": shot["top5"],
-        # what a random ranking / a random guess scores: the share of images showing the class, per class mean;
-        # the expected top-1 accuracy of a uniformly random class
-        "chance_precision": float(labels.mean()), "chance_top1": float(labels.sum(axis=1).mean() / len(classes)),
-        "per_class": rows,
-    }  # fmt: skip
 
 
 def class_table(report: dict[str, Any], ks=KS) -> str:
@@ -189,7 +137,7 @@ def write_report(workdir: str | Path, out: str | Path, source_spec: str | None =
     config = encoder.config
     split = split or config.data.eval_split
     source = parse_source(source_spec or config.data.source, split)
-    zimg = embed_images(encoder, source, progress=progress)
+    zimg, _ = embed_images(encoder, source, progress=progress, strict=True)
     texts, caption_to_image = caption_table(source)
     metrics: dict[str, Any] = {"model": str(workdir), "source": source.name, "split": split}
     md = [f"# Evaluation report: {Path(workdir).name}", "", f"Model `{workdir}` on `{source.name}`, split `{split}`: "
@@ -220,8 +168,8 @@ def write_report(workdir: str | Path, out: str | Path, source_spec: str | None =
     labelled = parse_source(labelled_spec, split) if labelled_spec else source if has_labels(source) else None
     colour, names = None, []
     if labelled is not None:
-        zlab = zimg if labelled is source else embed_images(encoder, labelled, progress=progress)
-        classes = class_report(encoder, labelled, zlab, templates)
+        zlab = zimg if labelled is source else embed_images(encoder, labelled, progress=progress, strict=True)[0]
+        classes = ClassPrecision(labelled, templates).report(EncoderEmbedder(encoder), zlab)
         metrics["classes"] = classes
         templates = classes["templates"]
         md += ["", f"## Classes: `{labelled.name}`", "",

@@ -14,6 +14,7 @@ from PIL import Image
 from jaxmr.data.records import DataError
 from jaxmr.data.spec import parse_source
 from jaxmr.data.tfds_source import tfds_module
+from jaxmr.files import slug
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def build_caption_folder(source_spec: str, out_dir: str | os.PathLike, name: str
 
     tfds = tfds_module()
     probe = parse_source(source_spec, split="all")
-    config_name = name or _slug(Path(getattr(probe, "root", "folder")).name)
+    config_name = name or slug(Path(getattr(probe, "root", "folder")).name.lower(), keep="", default="folder")
     sources = {}
     for split, tfds_split in (("train", "train"), ("val", "validation"), ("test", "test")):
         try:
@@ -82,8 +83,3 @@ def build_caption_folder(source_spec: str, out_dir: str | os.PathLike, name: str
 def _check_image(data: bytes) -> None:
     with Image.open(io.BytesIO(data)) as image:
         image.verify()
-
-
-def _slug(text: str) -> str:
-    slug = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-    return slug or "folder"

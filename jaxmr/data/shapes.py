@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jaxmr.data.records import DataError, Record, canonical_split
+from jaxmr.files import save_npy
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 45, 45),
@@ -237,12 +238,8 @@ class ShapesSource:
         if self._images is None:
             c = self.config
             path = cache_dir() / "shapes" / f"v{RENDER_VERSION}-seed{c.seed}-size{c.size}-{self.split}-n{len(self)}.npy"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                images = np.stack([self.render(i) for i in range(len(self))])
-                partial = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial.npy")
-                np.save(partial, images)
-                os.replace(partial, path)  # atomic: concurrent writers produce the same bytes
+            if not path.exists():  # concurrent writers produce the same bytes
+                save_npy(path, np.stack([self.render(i) for i in range(len(self))]))
             self._images = np.load(path, mmap_mode="r")
         return self._images
 

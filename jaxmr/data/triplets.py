@@ -42,6 +42,7 @@ from jaxmr.data.shapes import (
     render,
 )
 from jaxmr.data.spec import _options
+from jaxmr.files import save_npy
 
 EDITS_PER_REFERENCE = 2
 EDIT_KINDS = ("color", "shape", "size", "move", "add", "remove")
@@ -230,12 +231,8 @@ class ShapesEdits:
                 c = self.config
                 path = (cache_dir() / "shapes" /
                         f"edits-v{RENDER_VERSION}-seed{c.seed}-size{c.size}-{self.split}-n{len(self)}.npy")  # fmt: skip
-                if not path.exists():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    images = np.stack([self._render(g) for g in range(self.gallery_size())])
-                    partial = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial.npy")
-                    np.save(partial, images)
-                    os.replace(partial, path)
+                if not path.exists():  # concurrent writers produce the same bytes
+                    save_npy(path, np.stack([self._render(g) for g in range(self.gallery_size())]))
                 self._images = np.load(path, mmap_mode="r")
         return np.array(self._images[index])
 

@@ -25,6 +25,7 @@ from jaxmr.data import caption_table, parse_source
 from jaxmr.data.images import ImageReadError, center_square, load_image
 from jaxmr.encoder import Encoder
 from jaxmr.export import read_export_meta
+from jaxmr.files import save_npy, save_npz
 from jaxmr.index.ann import AnnConfig, InvalidIndexError
 from jaxmr.index.collection import Collection
 from jaxmr.index.store import (
@@ -78,13 +79,6 @@ def _read(source, index: int, size: int, root: Path) -> dict[str, Any]:
     row = _image_row(index, record["image"], pil, list(record["captions"]), root)
     row.update(width=width, height=height)
     return {"valid": True, "pixels": center_square(pil, size), "row": row}
-
-
-def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def build_index(
@@ -277,7 +271,7 @@ def _embed_images(
                 valid += [it["valid"] for it in items]
                 rows += [json.dumps(it["row"]) for it in items]
                 bar.update(len(items))
-            _save_atomic(
+            save_npz(
                 work / f"images-{c:05d}.npz", embeddings=np.concatenate(embeddings), valid=np.asarray(valid),
                 rows=np.asarray(rows),
             )  # fmt: skip
@@ -296,9 +290,8 @@ def _embed_captions(
         part = texts[c * chunk : (c + 1) * chunk]
         path = work / f"captions-{c:05d}.npy"
         if not path.exists():
-            z = np.concatenate([encoder.encode_texts(part[b : b + 1024]) for b in range(0, len(part), 1024)])
-            tmp = path.with_name(path.name + ".tmp.npy")
-            np.save(tmp, z)
-            os.replace(tmp, path)
+            save_npy(
+                path, np.concatenate([encoder.encode_texts(part[b : b + 1024]) for b in range(0, len(part), 1024)])
+            )
         bar.update(len(part))
     bar.close()

@@ -32,12 +32,12 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxmr.config import ComposedConfig, claim_workdir, from_dict, read_config_json, to_dict
-from jaxmr.data.images import ImageReadError
 from jaxmr.data.triplets import TripletSource, parse_triplets
 from jaxmr.encoder import Encoder
+from jaxmr.evaluators import QUERIES, Composed, Gallery, embed_images
 from jaxmr.export import COMPOSER_DIR, fingerprint, is_export, load_composer, read_export_meta
-from jaxmr.metrics import composed_recall
-from jaxmr.models import Composer, l2_normalize
+from jaxmr.files import save_npy, slug
+from jaxmr.models import Composer
 from jaxmr.sharding import batch_axes, make_mesh
 from jaxmr.training.checkpoints import MetricsWriter
 from jaxmr.training.runs import export_run, load_encoder
@@ -45,9 +45,6 @@ from jaxmr.training.step import TrainState, make_loss, make_optimizer, make_trai
 from jaxmr.tree import flatten, unflatten
 
 log = logging.getLogger(__name__)
-
-
-QUERIES = ("composed", "image_only", "image_plus_text")
 
 
 def is_composed_run(workdir: str | Path) -> bool:
@@ -73,33 +70,17 @@ def embed_split(source: TripletSource, encoder: Encoder, cache: Path | None, pro
     references = np.array([r for r, _, _ in triplets], np.int64)
     targets = np.array([t for _, _, t in triplets], np.int64)
     texts = [text for _, text, _ in triplets]
-    key = f"{encoder.fingerprint}-{_slug(source.name)}-{getattr(source, 'split', '')}-{source.gallery_size()}"
+    key = (
+        f"{encoder.fingerprint}-{slug(source.name, keep='=-.')}-{getattr(source, 'split', '')}-{source.gallery_size()}"
+    )
     path = cache / f"gallery-{key}.npy" if cache is not None else None
     if path is not None and path.exists():
         gallery = np.load(path)
     else:
-        gallery = np.zeros((source.gallery_size(), encoder.embed_dim), np.float32)
-        bar = tqdm(total=len(gallery), desc="embedding gallery", unit="img", disable=not progress)
-        for start in range(0, len(gallery), batch):
-            rows = range(start, min(start + batch, len(gallery)))
-            images = []
-            for g in rows:
-                try:
-                    images.append(encoder.preprocess(source.gallery_image(g)))
-                except ImageReadError as e:
-                    raise ImageReadError(f"{source.name}: gallery image {g}: {e}") from None
-            gallery[start : start + len(images)] = encoder.encode_images(np.stack(images))
-            bar.update(len(images))
-        bar.close()
+        gallery, _ = embed_images(encoder, Gallery(source), batch, progress, strict=True)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path.with_suffix(".partial.npy"), gallery)
-            path.with_suffix(".partial.npy").replace(path)
+            save_npy(path, gallery)
     return TripletSplit(gallery, references, targets, texts, encoder.tokenizer.encode(texts))
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "=-." else "_" for c in text)[-80:]
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -135,24 +116,26 @@ def compose_batched(graphdef: nnx.GraphDef, params: dict, zref: np.ndarray, toke
     return out
 
 
-def evaluate_split(data: TripletSplit, encoder: Encoder, composed: np.ndarray | None) -> dict[str, float]:
-    """Recall@1/5/10 and median rank of the composed queries (when given) and of both baselines, flat keys
-    `<query>_r1` ..."""
-    reference = data.gallery[data.references]
-    queries = {
-        "image_only": reference,
-        "image_plus_text": np.asarray(l2_normalize(reference + encoder.encode_tokens(data.tokens))),
-    }
-    if composed is not None:
-        queries = {"composed": composed, **queries}
-    metrics = {}
-    for name, q in queries.items():
-        for key, value in composed_recall(q, data.gallery, data.references, data.targets).items():
-            if key.startswith("n_"):
-                metrics[key] = value
-            else:
-                metrics[f"{name}_{key}"] = value
-    return metrics
+class CachedGallery:
+    """The base encoder as an `Embedder` for one embedded split: its cached gallery, the base text encoder, and
+    the composer's parameters (None: no composer yet, only the baselines)."""
+
+    def __init__(self, data: TripletSplit, encoder: Encoder, graphdef: nnx.GraphDef | None = None,
+                 params: dict | None = None):  # fmt: skip
+        self.data, self.encoder, self.graphdef, self.params = data, encoder, graphdef, params
+
+    def embed_images(self, images, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        if len(images) != len(self.data.gallery):
+            raise ValueError(f"{images.name}: {len(images)} images, the cached gallery has {len(self.data.gallery)}")
+        return self.data.gallery, np.ones(len(self.data.gallery), bool)
+
+    def embed_texts(self, texts, progress: bool = False) -> np.ndarray:
+        return self.encoder.encode_texts(texts)
+
+    def compose(self, zref: np.ndarray, texts) -> np.ndarray | None:
+        if self.params is None:
+            return None
+        return compose_batched(self.graphdef, self.params, zref, self.encoder.tokenizer.encode(list(texts)))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -164,7 +147,9 @@ def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) ->
     workdir = claim_workdir(config, workdir)
     encoder = load_encoder(config.base)
     train_data = embed_split(parse_triplets(config.data, config.train_split), encoder, workdir / "features", progress)
-    val_data = embed_split(parse_triplets(config.data, config.eval_split), encoder, workdir / "features", progress)
+    val_triplets = parse_triplets(config.data, config.eval_split)
+    val_data = embed_split(val_triplets, encoder, workdir / "features", progress)
+    evaluator = Composed(val_triplets)
     mesh = make_mesh(config.mesh)
     axes = batch_axes(mesh)
     shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
@@ -210,8 +195,7 @@ def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) ->
                 timer = time.perf_counter()
             if step % config.eval_every == 0 or step == config.steps:
                 params = jax.device_get(state.params)
-                composed = compose_batched(graphdef, params, val_data.gallery[val_data.references], val_data.tokens)
-                last = evaluate_split(val_data, encoder, composed)
+                last = evaluator(CachedGallery(val_data, encoder, graphdef, params))
                 writer.write(step, last, "eval/")
                 log.info("step %d: composed R@1 %.3f (image only %.3f, image + text %.3f)", step,
                          last["composed_r1"], last["image_only_r1"], last["image_plus_text_r1"])  # fmt: skip
@@ -267,10 +251,9 @@ def evaluate(workdir: str | Path, source_spec: str | None = None, split: str | N
         raise ValueError(f"{workdir} has no trained composer yet (no {export / COMPOSER_DIR})")
     encoder = Encoder.load(export)
     graphdef, params = load_composer(export, encoder.config.model)
-    data = embed_split(parse_triplets(source_spec or config.data, split or config.eval_split), encoder,
-                       workdir / "features")  # fmt: skip
-    composed = compose_batched(graphdef, params, data.gallery[data.references], data.tokens)
-    return evaluate_split(data, encoder, composed)
+    triplets = parse_triplets(source_spec or config.data, split or config.eval_split)
+    data = embed_split(triplets, encoder, workdir / "features")
+    return Composed(triplets)(CachedGallery(data, encoder, graphdef, params))
 
 
 def print_table(metrics: dict[str, float]) -> None:

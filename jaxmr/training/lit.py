@@ -10,6 +10,7 @@ other.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,12 +23,12 @@ import numpy as np
 from flax import nnx
 
 from jaxmr.config import TrainConfig, to_dict
-from jaxmr.data import DataError, Source, parse_source
-from jaxmr.metrics import retrieval_metrics
+from jaxmr.data import DataError, Source, caption_table, parse_source
+from jaxmr.files import save_npz, slug
 from jaxmr.models import l2_normalize
 from jaxmr.sharding import to_global
 from jaxmr.text import Tokenizer
-from jaxmr.training.evaluators import Evaluator
+from jaxmr.training.evaluators import TrainEmbedder
 from jaxmr.tree import param_paths
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,15 @@ def tower_features(trainable, params: dict, source: Source, tokenizer: Tokenizer
         with np.load(path) as f:
             return Features(f["image"], f["valid"], f["text"], f["owners"])
     log.info("computing tower features for %s (once; cached in %s)", source.name, path)
-    evaluator = _tower_evaluator(trainable, source, tokenizer)
+    towers = _towers(trainable, tokenizer, params)
+    texts, owners = caption_table(source)
+    if not texts:
+        raise DataError(f"{source.name}: LiT needs captions")
     with jax.set_mesh(trainable.mesh):
-        image, text, valid, _ = evaluator.embed(params, progress=progress)
-    features = Features(image.astype(np.float32), valid, text.astype(np.float32), evaluator.owners)
-    _save(path, **dataclasses.asdict(features))
+        image, valid = towers.embed_images(source, progress)
+        text = towers.embed_texts(texts, progress)
+    features = Features(image.astype(np.float32), valid, text.astype(np.float32), owners)
+    save_npz(path, **dataclasses.asdict(features))
     return features
 
 
@@ -85,33 +90,23 @@ def augmented_views(trainable, params: dict, source: Source, tokenizer: Tokenize
                     crop_scale: tuple[float, float], seed: int, progress: bool = True) -> list[np.ndarray]:  # fmt: skip
     """Image tower features of `views - 1` augmented views of every image (random resized crop + flip), each
     cached at `path` with the view number in its name: [N, Wi] each."""
-    evaluator = None
+    towers = None
     out = []
     for view in range(1, views):
         view_path = path.with_name(f"{path.stem}-view{view}.npz")
         if not view_path.exists():
-            evaluator = evaluator or _tower_evaluator(trainable, source, tokenizer)
+            towers = towers or _towers(trainable, tokenizer, params)
             with jax.set_mesh(trainable.mesh):
-                image, _ = evaluator.embed_images(params, progress, view=view, crop_scale=crop_scale, seed=seed)
-            _save(view_path, image=image.astype(np.float32))
+                image, _ = towers.embed_images(source, progress, view=view, crop_scale=crop_scale, seed=seed)
+            save_npz(view_path, image=image.astype(np.float32))
         with np.load(view_path) as f:
             out.append(f["image"])
     return out
 
 
-def _tower_evaluator(trainable, source: Source, tokenizer: Tokenizer):
-    """An Evaluator whose embeddings are the towers' raw features (what LiT caches)."""
-
-    return Evaluator(source, tokenizer, trainable, trainable.config.eval_batch_size,
-                     image_fn="image_tower_features", text_fn="text_tower")  # fmt: skip
-
-
-def _save(path: Path, **arrays: np.ndarray) -> None:
-    """Written under a temporary name and renamed: an interrupted run never leaves a truncated cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
-    partial.replace(path)
+def _towers(trainable, tokenizer: Tokenizer, params: dict) -> TrainEmbedder:
+    """An embedder whose embeddings are the towers' raw features (what LiT caches)."""
+    return TrainEmbedder(trainable, tokenizer, params, image_fn="image_tower_features", text_fn="text_tower")
 
 
 class FeatureBatches:
@@ -175,40 +170,47 @@ class FeatureBatches:
         pass
 
 
-class FeatureEvaluator:
-    """Recall@K of the heads on cached eval-split features (the same metrics `jaxmr eval` computes end to end)."""
+class FeatureEmbedder:
+    """The heads on one split's cached tower features, as an `Embedder` for that split's evaluators: the same
+    metrics `jaxmr eval` computes end to end, without running the towers."""
 
-    def __init__(self, features: Features, trainable):
-
-        self.features = features
+    def __init__(self, features: Features, trainable, params: dict | None = None):
+        self.features, self.params = features, params
         graphdef = trainable.graphdef
+        self.project_image = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).project_image(x)))
+        self.project_text = jax.jit(lambda p, x: l2_normalize(nnx.merge(graphdef, p).project_text(x)))
 
-        def project(params, image, text):
-            model = nnx.merge(graphdef, params)
-            return l2_normalize(model.project_image(image)), l2_normalize(model.project_text(text))
+    def with_params(self, params: dict) -> FeatureEmbedder:
+        clone = copy.copy(self)  # the compiled heads are shared
+        clone.params = params
+        return clone
 
-        self.project = jax.jit(project)
+    def embed_images(self, images, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        if len(images) != len(self.features.valid):
+            raise ValueError(
+                f"{images.name}: {len(images)} images, but the cached features are of {len(self.features.valid)}"
+            )
+        return np.asarray(self.project_image(self.params, self.features.image)), self.features.valid
 
-    def __call__(self, params: dict) -> dict[str, float]:
-        f = self.features
-        zimg, ztxt = (np.asarray(z) for z in self.project(params, f.image, f.text))
-        keep = f.valid[f.owners]
-        new_index = np.cumsum(f.valid) - 1
-        metrics = retrieval_metrics(zimg[f.valid], ztxt[keep], new_index[f.owners[keep]])
-        metrics["unreadable_images"] = int((~f.valid).sum())
-        return metrics
+    def embed_texts(self, texts, progress: bool = False) -> np.ndarray:
+        if len(texts) != len(self.features.text):  # the split's captions in caption_table order, as cached
+            raise ValueError(f"{len(texts)} texts, but the cached features are of {len(self.features.text)} captions")
+        return np.asarray(self.project_text(self.params, self.features.text))
+
+    def compose(self, zref, texts) -> None:
+        return None
 
 
 def cached_training(config: TrainConfig, trainable, params: dict, tokenizer: Tokenizer, workdir: Path,
-                    progress: bool = True) -> tuple[FeatureBatches, FeatureEvaluator]:  # fmt: skip
-    """The batches and the evaluator of a cached-features run (features computed on first use)."""
+                    progress: bool = True) -> tuple[FeatureBatches, FeatureEmbedder]:  # fmt: skip
+    """The batches and the eval split's embedder of a cached-features run (features computed on first use)."""
 
     check_towers_frozen(config, jax.tree.leaves(param_paths(params)))
     data = config.data
     cached = {}
     for split in (data.train_split, data.eval_split):
         source = parse_source(data.source, split)
-        name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{cache_key(config, data.source, split, tokenizer)}.npz"
+        name = f"{slug(split, keep='_.-')}-{cache_key(config, data.source, split, tokenizer)}.npz"
         path = workdir / "features" / name
         cached[split] = tower_features(trainable, params, source, tokenizer, path, progress)
         if split == data.train_split and config.feature_views > 1:
@@ -218,4 +220,4 @@ def cached_training(config: TrainConfig, trainable, params: dict, tokenizer: Tok
             cached[split].image = np.stack([cached[split].image, *views])
     batches = FeatureBatches(cached[data.train_split], config.batch_size, config.captions_per_image, config.seed,
                              trainable.batch_sharding)  # fmt: skip
-    return batches, FeatureEvaluator(cached[data.eval_split], trainable)
+    return batches, FeatureEmbedder(cached[data.eval_split], trainable)

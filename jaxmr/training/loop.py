@@ -20,7 +20,7 @@ from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.sharding import batch_axes, make_mesh
 from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
 from jaxmr.training.checkpoints import Checkpoints, MetricsWriter
-from jaxmr.training.evaluators import Evaluator
+from jaxmr.training.evaluators import RunEvaluation, TrainEmbedder
 from jaxmr.training.lit import cached_training
 from jaxmr.training.step import build, init_state
 
@@ -115,7 +115,8 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     else:
         state, data_state = init_state(trainable), None
     if config.cached_features:
-        iterator, evaluator = cached_training(config, trainable, state.params, tokenizer, workdir, progress)
+        iterator, features = cached_training(config, trainable, state.params, tokenizer, workdir, progress)
+        first_embedder = features.with_params
     else:
         pipeline = PipelineConfig(
             batch_size=config.batch_size // config.captions_per_image, image_size=config.data.image_size,
@@ -124,8 +125,8 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
             captions_per_image=config.captions_per_image,
         )  # fmt: skip
         iterator = train_iterator(source, tokenizer, pipeline, mesh=mesh, data_axes=batch_axes(mesh))
-        evaluator = Evaluator(parse_source(config.data.source, config.data.eval_split), tokenizer, trainable,
-                              config.eval_batch_size)  # fmt: skip
+        first_embedder = None
+    evaluator = RunEvaluation(config, TrainEmbedder(trainable, tokenizer), first_embedder)
     if data_state is not None:
         iterator.set_state(data_state)
     writer = MetricsWriter(workdir, enabled=distributed.is_primary())

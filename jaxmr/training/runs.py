@@ -13,11 +13,12 @@ from jaxmr import distributed
 from jaxmr.config import TrainConfig, read_config_json
 from jaxmr.data import parse_source
 from jaxmr.encoder import Encoder
+from jaxmr.evaluators import Retrieval
 from jaxmr.export import fingerprint, is_export, read_export_meta, write_export
 from jaxmr.sharding import make_mesh
 from jaxmr.text import Tokenizer, load_tokenizer
 from jaxmr.training.checkpoints import Checkpoints
-from jaxmr.training.evaluators import Evaluator
+from jaxmr.training.evaluators import TrainEmbedder
 from jaxmr.training.step import Trainable, TrainState, build
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -43,7 +44,7 @@ def evaluate(workdir: str | Path, source_spec: str | None = None, split: str | N
     config, trainable, state, tokenizer = load_run(workdir)
     source = parse_source(source_spec or config.data.source, split or config.data.eval_split)
     with jax.set_mesh(trainable.mesh):
-        return Evaluator(source, tokenizer, trainable, config.eval_batch_size)(state.params)
+        return Retrieval(source)(TrainEmbedder(trainable, tokenizer, state.params))
 
 
 def export_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> str:
