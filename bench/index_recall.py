@@ -19,6 +19,7 @@ from bench.common import clustered_vectors, write_results
 from jaxmr.index.ann import AnnConfig, exact_search
 from jaxmr.index.collection import Collection
 from jaxmr.index.store import Searcher
+from jaxmr.options import key_value
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -70,7 +71,7 @@ def main() -> None:
     records = []
     rng = np.random.default_rng(0)
     for item in args.index:
-        name, _, path = item.partition("=")
+        name, path = key_value(item, "name=path")
         searcher = Searcher(path, load_encoder=False)
         images = np.asarray(searcher.collection("images").embeddings, np.float32)
         captions = np.asarray(searcher.collection("captions").embeddings, np.float32)

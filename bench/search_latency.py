@@ -37,6 +37,7 @@ import numpy as np
 from bench.common import RESULTS, clustered_vectors, machine, markdown_table, write_results
 from jaxmr.index.ann import AnnConfig, JaxExactSearch, exact_search
 from jaxmr.index.collection import Collection
+from jaxmr.options import key_value
 
 K = 10
 TARGET_RECALL = AnnConfig().target_recall
@@ -431,7 +432,7 @@ def main() -> None:
     records: list[dict] = []
     curve: list[dict] = []
     for item in args.real:
-        name, _, path = item.partition("=")
+        name, path = key_value(item, "name=path")
         database, queries, calibration = real_set(path, args.queries)
         records += run_set(name, database, queries, calibration, methods, args.budget, None)
     for d in dims:

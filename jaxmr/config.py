@@ -18,6 +18,7 @@ from typing import Any
 
 from jaxmr.files import write_text
 from jaxmr.models import BertConfig, ConvConfig, EfficientNetConfig, ModelConfig, TextConfig, ViTConfig
+from jaxmr.options import key_value, split_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +267,7 @@ def load_config_file(spec: str) -> TrainConfig:
         raise ValueError(f"{path} has no get_config()")
     if tail and not tail.startswith(":"):
         raise ValueError(f"config spec {spec!r}: expected path.py[:arg][,key=value,...]")
-    items = _split_items(tail[1:]) if tail else []
+    items = split_items(tail[1:]) if tail else []
     arg = items.pop(0).strip() if items and "=" not in items[0] else None
     config = module.get_config(arg) if arg is not None else module.get_config()
     return apply_overrides(config, items)
@@ -274,27 +275,6 @@ def load_config_file(spec: str) -> TrainConfig:
 
 def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        config = override(config, key.strip(), raw.strip())
+        key, raw = key_value(item, "override")
+        config = override(config, key, raw)
     return config
-
-
-def _split_items(text: str) -> list[str]:
-    """Splits 'a=1,b=(1, 2),c=x' at the commas that are not inside brackets or quotes."""
-    items, depth, start, quote = [], 0, 0, None
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    items.append(text[start:])
-    return [i for i in items if i.strip()]

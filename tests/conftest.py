@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,6 @@ def smoke_run(tmp_path_factory) -> Path:
     from jaxmr.training.loop import train
 
     workdir = tmp_path_factory.mktemp("smoke_run")
-    config = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py:smoke"))
+    config = load_config_file(str(ROOT / "configs" / "shapes_tiny.py:smoke"))
     train(config, workdir, progress=False)
     return workdir

@@ -7,16 +7,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
 from jaxmr.cli import main as cli
 from jaxmr.index.store import Searcher
 
-from conftest import write_image
+from conftest import ROOT, write_image
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"
 
 

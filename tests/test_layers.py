@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -14,9 +15,8 @@ import pytest
 
 from jaxmr.index.build import BuildOptions, build_index
 
-from conftest import SMOKE_SOURCE
+from conftest import ROOT, SMOKE_SOURCE
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("optax", "orbax", "grain", "jaxmr.training", "jaxmr.index.build", "jaxmr.data.train_batches")
 
 
@@ -132,3 +132,12 @@ def test_the_wheel_holds_only_the_jaxmr_namespace(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"jaxmr"}
     assert "jaxmr/configs/shapes_tiny.py" in names and "jaxmr/serving/static/index.html" in names
+
+
+def test_every_module_sits_in_a_layer():
+    """A module the layers contract does not name is unchecked: every module of the package must be in one."""
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    layers = {m.strip() for layer in contract["layers"] for m in layer.replace("|", ":").split(":")}
+    graph = grimp.build_graph("jaxmr")
+    loose = [m for m in graph.modules if m != "jaxmr" and not any(m == x or m.startswith(x + ".") for x in layers)]
+    assert loose == []

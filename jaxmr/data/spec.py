@@ -16,27 +16,14 @@ from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSour
 from jaxmr.data.records import ConcatSource, DataError, Source, canonical_split
 from jaxmr.data.shapes import ShapesConfig, ShapesSource
 from jaxmr.data.tfds_source import TfdsSource
+from jaxmr.options import typed_options
 
 DEFAULT_SOURCE = "shapes"
 
 
-def _options(text: str, allowed: dict[str, type], what: str) -> dict:
-    options = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in allowed:
-            raise DataError(f"{what}: unknown option {item!r}; options are {', '.join(allowed)} (as key=value)")
-        try:
-            options[key] = allowed[key](value.strip())
-        except ValueError:
-            raise DataError(f"{what}: option {key} needs a {allowed[key].__name__}, got {value!r}") from None
-    return options
-
-
 def _shapes(arg: str, split: str | None) -> Source:
     fields = {"n": int, "size": int, "seed": int, "n_val": int, "n_test": int}
-    config = ShapesConfig(**_options(arg, fields, "shapes"))
+    config = ShapesConfig(**typed_options(arg, fields, "shapes", DataError))
     if canonical_split(split) is None:  # "all": train, val and test one after another
         parts = [ShapesSource(config, s) for s in ("train", "val", "test") if config.count(s)]
         return ConcatSource(parts, parts[0].name)

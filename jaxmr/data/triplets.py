@@ -41,8 +41,8 @@ from jaxmr.data.shapes import (
     region,
     render,
 )
-from jaxmr.data.spec import _options
 from jaxmr.files import save_npy
+from jaxmr.options import typed_options
 
 EDITS_PER_REFERENCE = 2
 EDIT_KINDS = ("color", "shape", "size", "move", "add", "remove")
@@ -317,7 +317,7 @@ def parse_triplets(spec: str, split: str | None = "train") -> TripletSource:
     kind, _, arg = spec.strip().partition(":")
     if kind == "shapes-edits":
         fields = {"n": int, "size": int, "seed": int, "n_val": int, "n_test": int}
-        return ShapesEdits(EditsConfig(**_options(arg, fields, "shapes-edits")), split)
+        return ShapesEdits(EditsConfig(**typed_options(arg, fields, "shapes-edits", DataError)), split)
     if kind == "triplets":
         if not arg:
             raise DataError("triplets: needs a directory, e.g. triplets:/path/to/folder")

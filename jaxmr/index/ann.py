@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmr.options import typed_options
+
 # ScaNN's own advice (its README's "choosing parameters"): brute force for small sets, asymmetric hashing
 # with exact re-scoring for mid-sized ones, and a partitioning tree in front of that above ~100k.
 BRUTE_FORCE_BELOW = 20_000
 TREE_FROM = 100_000
 SOAR_FROM = 500_000  # auto: trees over this many vectors spill with SOAR (measured: slower at 100k, faster at 1M)
 SOAR_LAMBDA = 1.5
-MAX_TOMBSTONES = 1024  # SOAR trees: deleted vectors left in the searcher (and filtered out) before a rebuild
 
 
 class InvalidIndexError(ValueError):
@@ -88,19 +89,9 @@ class AnnConfig:
     @classmethod
     def from_spec(cls, items: Sequence[str]) -> AnnConfig:
         """From `key=value` strings, e.g. ["method=tree_ah", "leaves_to_search=64"]; unknown keys fail."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for item in items:
-            key, sep, raw = item.partition("=")
-            key = key.strip().removeprefix("ann.")
-            if not sep or key not in fields:
-                raise ValueError(f"ann setting {item!r}: expected key=value with key in {', '.join(fields)}")
-            kind = type(getattr(cls(), key))
-            try:
-                values[key] = kind(raw.strip())
-            except ValueError:
-                raise ValueError(f"ann setting {item!r}: {raw!r} is not a {kind.__name__}") from None
-        return cls(**values)
+        defaults = cls()
+        kinds = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(cls)}
+        return cls(**typed_options([item.strip().removeprefix("ann.") for item in items], kinds, "ann setting"))
 
 
 def build_scann(embeddings: np.ndarray, ids: np.ndarray, config: AnnConfig):

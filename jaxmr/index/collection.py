@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxmr.index.ann import MAX_TOMBSTONES, AnnConfig, InvalidIndexError, build_scann, exact_search
+from jaxmr.index.ann import AnnConfig, InvalidIndexError, build_scann, exact_search
+
+MAX_TOMBSTONES = 1024  # SOAR trees: deleted vectors left in the searcher (and filtered out) before a rebuild
 
 log = logging.getLogger(__name__)
 

@@ -251,7 +251,7 @@ def _clip(*, patch: int, width: int, depth: int, heads: int, text_width: int, te
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # ViT d192x4 on 64x64 + text d192x4: the CPU demo and the throughput comparison in TARGETS.md.
+    # ViT d192x4 on 64x64 + text d192x4: the CPU throughput comparison with PyTorch (bench/train_throughput.py).
     # Mean pooling: from scratch, a CLS token sits on a long plateau first (measured: loss 2.7 vs 0.75 after
     # 50 steps on a fixed batch of 32), as "Better plain ViT baselines" also found for GAP.
     "tiny": ModelConfig(

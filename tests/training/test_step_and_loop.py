@@ -20,7 +20,8 @@ from jaxmr.training.loop import train
 from jaxmr.training.runs import load_run
 from jaxmr.training.step import build, compute_grads, make_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"
 
 

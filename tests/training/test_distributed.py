@@ -17,9 +17,8 @@ from jaxmr.training.checkpoints import read_metrics
 from jaxmr.training.loop import train
 from jaxmr.training.runs import evaluate, load_run
 
-from conftest import SMOKE_SOURCE
+from conftest import ROOT, SMOKE_SOURCE
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"
 
 

@@ -16,9 +16,8 @@ from jaxmr.data.shapes import region
 from jaxmr.data.triplets import EDITS_PER_REFERENCE, EditsConfig, ShapesEdits, parse_triplets
 from jaxmr.metrics import composed_recall
 
-from conftest import write_image
+from conftest import ROOT, write_image
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE_EDITS = "shapes-edits:n=512,n_val=64,n_test=64,size=32"
 
 
