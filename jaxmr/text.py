@@ -167,9 +167,8 @@ def clip_bpe(directory: str | os.PathLike, max_len: int = 77) -> Tokenizer:
     if (directory / TOKENIZER_FILE).exists():
         hf = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
     elif (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
-        from transformers import (
-            CLIPTokenizer,  # optional: only `jaxmr model import` of a CLIP folder needs transformers
-        )
+        # optional: only `jaxmr model import` of a CLIP folder without tokenizer.json needs transformers
+        from transformers import CLIPTokenizer
 
         hf = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt")).backend_tokenizer
     else:

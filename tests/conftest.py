@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Generated data (the shapes cache) goes to a fresh folder per test session, not the user's ~/.cache.
 os.environ.setdefault("JAXMR_CACHE", __import__("tempfile").mkdtemp(prefix="jaxmr-test-cache-"))
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,13 @@ def smoke_run(tmp_path_factory) -> Path:
     config = load_config_file(str(ROOT / "configs" / "shapes_tiny.py:smoke"))
     train(config, workdir, progress=False)
     return workdir
+
+
+def wait_ready(get, timeout: float = 120) -> None:
+    """Polls a server's /readyz (through `get`, a test client's or a requests-like function) until it is 200."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if get("/readyz").status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")

@@ -22,7 +22,7 @@ from jaxmr.serving.engine import Engine, Query
 from jaxmr.serving.settings import Settings
 from jaxmr.serving.views import kmeans
 
-from conftest import SMOKE_SOURCE
+from conftest import SMOKE_SOURCE, wait_ready
 
 KEY = "s3cret"
 
@@ -42,15 +42,6 @@ def index_dir(smoke_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve") / "index"
     build_index(smoke_run, SMOKE_SOURCE, out, split="test", options=BuildOptions(), progress=False)
     return out
-
-
-def wait_ready(get, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if get("/readyz").status_code == 200:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the server did not become ready")
 
 
 @pytest.fixture(scope="module")

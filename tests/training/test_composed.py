@@ -173,11 +173,12 @@ def test_composed_training_eval_and_export(composed_run, capsys):
 
 def test_server_uses_the_trained_composer(composed_run, tmp_path):
     from litestar.testing import TestClient
-    from test_serve import wait_ready
 
     from jaxmr.index.build import BuildOptions, build_index
     from jaxmr.serving.app import create_app
     from jaxmr.serving.settings import Settings
+
+    from conftest import wait_ready
 
     index = tmp_path / "index"
     build_index(composed_run, SMOKE_EDITS.replace("shapes-edits", "shapes"), index, split="test",
