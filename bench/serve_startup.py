@@ -1,6 +1,6 @@
 """Server start-up: seconds from `jaxmr serve` to ready, resident memory, and which heavy modules it loaded.
 
-    python -m bench.serve_startup --index runs/index [--repeats 3]
+    python -m bench.serve_startup --index runs/index [--repeats 3] [--baseline /tmp/old-checkout]
 
 Starts the real command line (`python -m jaxmr.cli serve`) on a free loopback port, polls `/readyz`, reads the
 process's peak resident set (VmHWM) from /proc, and lists the heavy modules (optax, orbax, grain, ...) that
@@ -22,7 +22,9 @@ from pathlib import Path
 
 from bench.common import write_results
 
-HEAVY = ("optax", "orbax", "grain", "tensorflow_datasets", "torch", "sklearn", "jaxmr.training")
+# optax comes with flax.nnx (nnx.Optimizer) whoever imports it; the others only with training code.
+HEAVY = ("optax", "orbax", "grain", "tensorboardX", "tensorflow_datasets", "torch", "sklearn", "jaxmr.training",
+         "jaxmr.trainer")  # fmt: skip
 
 
 def _free_port() -> int:
@@ -38,13 +40,13 @@ def _rss_kib(pid: int, field: str) -> int:
     return 0
 
 
-def start_once(index: str, timeout: float = 300) -> dict:
+def start_once(index: str, timeout: float = 300, repo: str | None = None) -> dict:
     """One start: seconds to ready, peak and current RSS (MiB), and the heavy modules the process loaded."""
     port = _free_port()
     env = {**os.environ, "JAXMR_WARM_UP": "true"}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jaxmr.cli", "serve", "--index", index, "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            env=env, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         while True:
             if proc.poll() is not None:
@@ -66,11 +68,11 @@ def start_once(index: str, timeout: float = 300) -> dict:
         proc.wait(30)
 
 
-def loaded_modules(app_module: str) -> list[str]:
+def loaded_modules(app_module: str, repo: str | None = None) -> list[str]:
     """The heavy modules that importing the CLI and the server app loads (what `jaxmr serve` pays for)."""
     test = "any(k == m or k.startswith(m + '.') for k in sys.modules)"
     code = f"import sys, jaxmr.cli, {app_module}; print(' '.join(m for m in {HEAVY!r} if {test}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     return out.stdout.split()
 
 
@@ -79,18 +81,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="serve_startup")
-    parser.add_argument("--app-module", default="jaxmr.serving.app", help="the module that defines the app")
+    parser.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                        help="also start the server of this checkout (e.g. a worktree of an older commit), "
+                             "alternating with this one's, so that the ratio is measured side by side")  # fmt: skip
+    parser.add_argument("--baseline-app", default="serve.app", help="the baseline's app module")
     args = parser.parse_args(argv)
-    runs = [start_once(args.index) for _ in range(args.repeats)]
-    median = lambda key: sorted(r[key] for r in runs)[len(runs) // 2]
-    result = {"index": args.index, "runs": runs, "ready_s": median("ready_s"), "peak_rss_mib": median("peak_rss_mib"),
-              "heavy_modules_loaded": loaded_modules(args.app_module)}  # fmt: skip
-    print(json.dumps(result, indent=2))
-    loaded = ", ".join(result["heavy_modules_loaded"]) or "none"
-    title = "Server start-up (`jaxmr serve`, warm-up on)"
-    write_results(args.name, runs, ["ready_s", "peak_rss_mib", "rss_mib"], title,
-                  notes=f"Index: `{args.index}`. Heavy modules the server process imports: {loaded}.",
-                  extra={k: v for k, v in result.items() if k != "runs"})  # fmt: skip
+    builds = {"this": (None, "jaxmr.serving.app")}
+    if args.baseline:
+        builds = {"baseline": (args.baseline, args.baseline_app), **builds}
+    records = []
+    for i in range(args.repeats):
+        for label, (repo, _) in builds.items():
+            records.append({"build": label, "run": i, **start_once(args.index, repo=repo)})
+    summary = {}
+    for label, (repo, app) in builds.items():
+        mine = sorted(records, key=lambda r: r["ready_s"])
+        mine = [r for r in mine if r["build"] == label]
+        summary[label] = {"ready_s_median": mine[len(mine) // 2]["ready_s"],
+                          "peak_rss_mib_median": sorted(r["peak_rss_mib"] for r in mine)[len(mine) // 2],
+                          "heavy_modules_loaded": loaded_modules(app, repo), "checkout": repo or "."}  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    notes = [f"Index: `{args.index}`; {args.repeats} starts each, alternating; medians:", ""]
+    for label, row in summary.items():
+        notes.append(f"- {label} ({row['checkout']}): ready in {row['ready_s_median']:.2f} s, peak RSS "
+                     f"{row['peak_rss_mib_median']:.0f} MiB; heavy modules: "
+                     f"{', '.join(row['heavy_modules_loaded']) or 'none'}")  # fmt: skip
+    if "baseline" in summary:
+        b, t = summary["baseline"], summary["this"]
+        notes.append(f"\nThis checkout / baseline: start-up {t['ready_s_median'] / b['ready_s_median']:.2f}x, "
+                     f"peak RSS {t['peak_rss_mib_median'] / b['peak_rss_mib_median']:.2f}x.")  # fmt: skip
+    write_results(args.name, records, ["build", "run", "ready_s", "peak_rss_mib", "rss_mib"],
+                  "Server start-up (`jaxmr serve` to a 200 from /readyz, warm-up on)", notes="\n".join(notes),
+                  extra={"summary": summary})  # fmt: skip
 
 
 if __name__ == "__main__":
