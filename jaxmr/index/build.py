@@ -24,7 +24,7 @@ from jaxmr import distributed
 from jaxmr.data import caption_table, parse_source
 from jaxmr.data.images import ImageReadError, center_square, load_image
 from jaxmr.encoder import Encoder
-from jaxmr.export import read_export_meta
+from jaxmr.export import is_export, read_export_meta
 from jaxmr.files import save_npy, save_npz
 from jaxmr.index.ann import AnnConfig, InvalidIndexError
 from jaxmr.index.collection import Collection
@@ -106,7 +106,7 @@ def build_index(
         work = out / ".build"
         source = parse_source(source_spec, split)
         index, count = distributed.share()
-        if count > 1 and not model_dir.exists() and not (Path(model) / "params.npz").exists():
+        if count > 1 and not model_dir.exists() and not is_export(model):
             export_model(model, model_dir)  # a run's checkpoint: restored by all processes together
         if primary:
             _plan_build(Path(model), model_dir, work, source, source_spec, options)
@@ -239,7 +239,7 @@ def write_index(
 def _ensure_model(model: Path, model_dir: Path) -> dict[str, Any]:
     """The index's own copy of the model export (made from a run, or copied from an export) and its meta."""
     if not model_dir.exists():
-        if (model / "params.npz").exists():
+        if is_export(model):
             shutil.copytree(model, model_dir)
         else:
             export_model(model, model_dir)

@@ -21,8 +21,6 @@ from jaxmr.training.checkpoints import Checkpoints
 from jaxmr.training.evaluators import TrainEmbedder
 from jaxmr.training.step import Trainable, TrainState, build
 
-# -------------------------------------------------------------------------------------------- evaluation
-
 
 def load_run(workdir: str | Path, step: int | None = None) -> tuple[TrainConfig, Trainable, TrainState, Tokenizer]:
     """A finished (or interrupted) run: its config, jitted functions, restored state and tokenizer."""

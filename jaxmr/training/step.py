@@ -8,7 +8,6 @@ import functools
 import logging
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -21,14 +20,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmr import losses
-from jaxmr.config import LossConfig, OptimConfig, TrainConfig, from_dict
-from jaxmr.export import read_export_meta
+from jaxmr.config import LossConfig, OptimConfig, TrainConfig
+from jaxmr.export import load_export
 from jaxmr.models import DualEncoder, l2_normalize
 from jaxmr.models.dual_encoder import model_graph
 from jaxmr.models.pretrained import has_pretrained_towers, load_pretrained_towers
 from jaxmr.models.torch_io import merge_strict
 from jaxmr.sharding import batch_axes, data_sharding, param_shardings
-from jaxmr.tree import param_paths, unflatten
+from jaxmr.tree import param_paths
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +268,10 @@ def init_state(trainable: Trainable) -> TrainState:
     if not config.init_from and not has_pretrained_towers(config.model):
         return state  # nothing to load: the parameters stay where init placed them
     if config.init_from:
-        meta = read_export_meta(config.init_from)
-        if from_dict(meta["config"]).model != config.model:
+        exported, params, _, _ = load_export(config.init_from)
+        if exported.model != config.model:
             raise ValueError(f"init_from {config.init_from}: its model config differs from this run's model config")
-        with np.load(Path(config.init_from) / "params.npz") as f:
-            params = merge_strict(jax.device_get(state.params), unflatten(dict(f)), config.init_from)
+        params = merge_strict(jax.device_get(state.params), params, config.init_from)
         loaded = [f"every parameter (from {config.init_from})"]
     else:
         params, loaded = load_pretrained_towers(config.model, jax.device_get(state.params))
