@@ -93,7 +93,7 @@ def run_demo(
         train(config, run, progress=progress)
         print(f"    trained in {time.perf_counter() - start:.0f} s")
 
-    print("3/5 evaluate on the shapes test split (1,000 images, 5,000 captions):")
+    print("3/5 evaluate on the test split:")
     print_table(evaluate(run, split="test"))
 
     if photos is None:
