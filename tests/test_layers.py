@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import grimp
-import pytest
 
 from jaxmr.index.build import BuildOptions, build_index
 
@@ -129,7 +128,6 @@ def test_the_server_loads_no_training_code(smoke_run, tmp_path):
     assert "jaxmr.serving.engine" in answer["modules"] and "jaxmr.encoder" in answer["modules"]
 
 
-@pytest.mark.slow
 def test_the_wheel_holds_only_the_jaxmr_namespace(tmp_path):
     """`pip wheel .`: every file of the wheel is under jaxmr/ (configs as jaxmr/configs, the UI's static files in
     jaxmr/serving/static) or its .dist-info."""
