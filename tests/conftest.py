@@ -71,3 +71,24 @@ def wait_ready(get, timeout: float = 120) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("the server did not become ready")
+
+
+def assert_close_in_norm(want, got, rel: float = 2e-5, floor: float = 1e-6) -> None:
+    """Every leaf of `got` within `rel` of `want` in relative Frobenius norm, up to an absolute floor of
+    `floor` times the whole tree's norm.
+
+    Two float32 computations of the same sums in another order (GradCache vs the full batch, 8 devices vs 1)
+    differ by ~1e-7 relative per addition, relative to the sum of the terms' magnitudes: an element whose terms
+    cancel can differ by 4e-4 relative to itself (seen on a fresh clone), while a leaf's norm keeps the ~1e-6
+    error of the arithmetic. Leaves whose gradient is zero in exact arithmetic (a bias before a LayerNorm) hold
+    only rounding noise, ~1e-9 here: the floor covers them. A wrong gradient (a missing term, a wrong repeat) is
+    off by O(1) of a leaf's norm and fails."""
+    import jax
+
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+             for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)]  # fmt: skip
+    total = np.sqrt(sum(np.sum(a * a) for a, _ in pairs))
+    for a, b in pairs:
+        assert a.shape == b.shape
+        error, bound = np.linalg.norm(a - b), rel * np.linalg.norm(a) + floor * total
+        assert error <= bound, f"error {error:.3e} over {bound:.3e} (leaf norm {np.linalg.norm(a):.3e})"

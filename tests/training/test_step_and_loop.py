@@ -20,7 +20,7 @@ from jaxmr.training.loop import train
 from jaxmr.training.runs import load_run
 from jaxmr.training.step import build, compute_grads, make_loss
 
-from conftest import ROOT
+from conftest import ROOT, assert_close_in_norm
 
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"
 
@@ -76,9 +76,8 @@ def test_grad_cache_equals_full_batch_gradient(loss):
     loss_fn = make_loss(config.loss, mesh)
     full = jax.jit(lambda p, b: compute_grads(trainable.graphdef, loss_fn, p, b, 1))(params, batch)
     cached = jax.jit(lambda p, b: compute_grads(trainable.graphdef, loss_fn, p, b, 4))(params, batch)
-    np.testing.assert_allclose(full[0], cached[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(full[3]), jax.tree.leaves(cached[3]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(full[0], cached[0], rtol=1e-5)  # a float32 mean of 16 rows' losses
+    assert_close_in_norm(full[3], cached[3])
     assert float(jnp.abs(cached[3]["log_t"])) > 0
 
 
@@ -95,10 +94,9 @@ def test_k_captions_per_image_embed_each_image_once():
     want = jax.jit(lambda p, b: compute_grads(trainable.graphdef, loss_fn, p, b, 1))(params, flat)
     for accum in (1, 4):  # and GradCache over 4 micro-batches of 2 images / 4 captions
         got = jax.jit(lambda p, b, a=accum: compute_grads(trainable.graphdef, loss_fn, p, b, a))(params, grouped)
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # a float32 mean of 16 rows' losses
         assert float(got[1]["t2i_acc"]) == float(want[1]["t2i_acc"])
-        for a, b in zip(jax.tree.leaves(want[3]), jax.tree.leaves(got[3]), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert_close_in_norm(want[3], got[3])
     with pytest.raises(ValueError, match="grad_accum=4 micro-batches"):
         smoke(batch_size=12, captions_per_image=2, grad_accum=4)  # 6 images
 
