@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -95,10 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             records.append({"build": label, "run": i, **start_once(args.index, repo=repo)})
     summary = {}
     for label, (repo, app) in builds.items():
-        mine = sorted(records, key=lambda r: r["ready_s"])
-        mine = [r for r in mine if r["build"] == label]
-        summary[label] = {"ready_s_median": mine[len(mine) // 2]["ready_s"],
-                          "peak_rss_mib_median": sorted(r["peak_rss_mib"] for r in mine)[len(mine) // 2],
+        mine = [r for r in records if r["build"] == label]
+        summary[label] = {"ready_s_median": statistics.median(r["ready_s"] for r in mine),
+                          "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in mine),
                           "heavy_modules_loaded": loaded_modules(app, repo), "checkout": repo or "."}  # fmt: skip
     print(json.dumps(summary, indent=2))
     notes = [f"Index: `{args.index}`; {args.repeats} starts each, alternating; medians:", ""]

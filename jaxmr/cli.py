@@ -2,8 +2,8 @@
 clear `error:` line and exit status 2, never a traceback.
 
 The CLI is the top layer and may import any of the library. Each command imports the layers it runs inside its
-handler, so that `jaxmr serve` loads the serving path only (no optax, orbax, grain or training code: a server
-starts faster and smaller) and `jaxmr data info` loads no model. These imports still run downward and are
+handler, so that `jaxmr serve` loads the serving path only (no orbax, grain or training code: a server starts
+faster and smaller) and `jaxmr data info` loads no model. These imports still run downward and are
 checked by the layers contract (`make lint`)."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from jaxmr.data import DataError, Source, caption_table, parse_source
 from jaxmr.data.images import ImageReadError
 from jaxmr.data.records import has_labels
-from jaxmr.data.triplets import TripletSource, parse_triplets
+from jaxmr.data.triplets import TripletSource, parse_triplets, triplet_rows
 from jaxmr.encoder import Encoder
 from jaxmr.metrics import (
     TEMPLATES,
@@ -178,13 +178,11 @@ class Composed:
     image and the embedded sentence (what the server does without a composer). Flat keys `<query>_r1`, ..."""
 
     triplets: TripletSource
+    rows: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # `triplet_rows(triplets)` when already read
     name: str = "composed"
 
     def __post_init__(self) -> None:
-        rows = [self.triplets.triplet(i) for i in range(len(self.triplets))]
-        self.references = np.array([r for r, _, _ in rows], np.int64)
-        self.targets = np.array([t for _, _, t in rows], np.int64)
-        self.texts = [text for _, text, _ in rows]
+        self.references, self.targets, self.texts = self.rows or triplet_rows(self.triplets)
 
     def __call__(self, embedder: Embedder, progress: bool = False) -> dict[str, float]:
         gallery, valid = embedder.embed_images(Gallery(self.triplets), progress)

@@ -70,6 +70,14 @@ class TripletSource(Protocol):
 # ------------------------------------------------------------------------------------------- shapes edits
 
 
+def triplet_rows(source: TripletSource) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(references int64 [N], targets int64 [N], texts) of every triplet of a split: gallery rows and sentences."""
+    triplets = [source.triplet(i) for i in range(len(source))]
+    references = np.array([r for r, _, _ in triplets], np.int64)
+    targets = np.array([t for _, _, t in triplets], np.int64)
+    return references, targets, [text for _, text, _ in triplets]
+
+
 def _name(o: Obj, scene: list[Obj]) -> str:
     """How an edit sentence names an object: by shape when that is unique in the scene, else colour + shape."""
     return f"the {o.shape}" if sum(p.shape == o.shape for p in scene) == 1 else f"the {o.color} {o.shape}"

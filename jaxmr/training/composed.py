@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxmr.config import ComposedConfig, claim_workdir, from_dict, read_config_json, to_dict
-from jaxmr.data.triplets import TripletSource, parse_triplets
+from jaxmr.data.triplets import TripletSource, parse_triplets, triplet_rows
 from jaxmr.encoder import Encoder
 from jaxmr.evaluators import QUERIES, Composed, Gallery, embed_images
 from jaxmr.export import COMPOSER_DIR, fingerprint, is_export, load_composer, read_export_meta
@@ -62,14 +62,15 @@ class TripletSplit:
     texts: list[str]
     tokens: np.ndarray
 
+    @property
+    def rows(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        return self.references, self.targets, self.texts
+
 
 def embed_split(source: TripletSource, encoder: Encoder, cache: Path | None, progress: bool = False,
                 batch: int = 256) -> TripletSplit:  # fmt: skip
     """Embeds a split's gallery with the base image encoder (cached under `cache`, keyed by model and source)."""
-    triplets = [source.triplet(i) for i in range(len(source))]
-    references = np.array([r for r, _, _ in triplets], np.int64)
-    targets = np.array([t for _, _, t in triplets], np.int64)
-    texts = [text for _, text, _ in triplets]
+    references, targets, texts = triplet_rows(source)
     key = (
         f"{encoder.fingerprint}-{slug(source.name, keep='=-.')}-{getattr(source, 'split', '')}-{source.gallery_size()}"
     )
@@ -149,7 +150,7 @@ def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) ->
     train_data = embed_split(parse_triplets(config.data, config.train_split), encoder, workdir / "features", progress)
     val_triplets = parse_triplets(config.data, config.eval_split)
     val_data = embed_split(val_triplets, encoder, workdir / "features", progress)
-    evaluator = Composed(val_triplets)
+    evaluator = Composed(val_triplets, val_data.rows)
     mesh = make_mesh(config.mesh)
     axes = batch_axes(mesh)
     shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
@@ -253,7 +254,7 @@ def evaluate(workdir: str | Path, source_spec: str | None = None, split: str | N
     graphdef, params = load_composer(export, encoder.config.model)
     triplets = parse_triplets(source_spec or config.data, split or config.eval_split)
     data = embed_split(triplets, encoder, workdir / "features")
-    return Composed(triplets)(CachedGallery(data, encoder, graphdef, params))
+    return Composed(triplets, data.rows)(CachedGallery(data, encoder, graphdef, params))
 
 
 def print_table(metrics: dict[str, float]) -> None:

@@ -104,13 +104,9 @@ class RunEvaluation:
         self.embedder, self.first_embedder = embedder, first_embedder
 
     def __call__(self, params: dict) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for i, evaluator in enumerate(self.evaluators):
-            if i == 0 and self.first_embedder is not None:
-                metrics.update(evaluator(self.first_embedder(params)))
-            elif i == 0:
-                metrics.update(evaluator(self.embedder.with_params(params)))
-            else:
-                values = evaluator(self.embedder.with_params(params))
-                metrics.update({f"{evaluator.name}/{k}": v for k, v in values.items()})
+        first, *others = self.evaluators
+        metrics = first((self.first_embedder or self.embedder.with_params)(params))
+        for evaluator in others:
+            values = evaluator(self.embedder.with_params(params))
+            metrics.update({f"{evaluator.name}/{k}": v for k, v in values.items()})
         return metrics
