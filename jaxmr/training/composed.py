@@ -36,7 +36,7 @@ from jaxmr.data.triplets import TripletSource, parse_triplets, triplet_rows
 from jaxmr.encoder import Encoder
 from jaxmr.evaluators import QUERIES, Composed, Gallery, embed_images
 from jaxmr.export import COMPOSER_DIR, fingerprint, is_export, load_composer, read_export_meta
-from jaxmr.files import save_npy, slug
+from jaxmr.files import atomic_dir, save_npy, slug
 from jaxmr.models import Composer
 from jaxmr.sharding import batch_axes, make_mesh
 from jaxmr.training.checkpoints import MetricsWriter
@@ -220,26 +220,25 @@ def export_composed(workdir: str | Path, out: str | Path) -> str:
     with np.load(workdir / "composer.npz") as f:
         params = unflatten(dict(f))
     base = Path(config.base)
-    if out.exists():
-        shutil.rmtree(out)
-    if is_export(base):
-        shutil.copytree(base, out, ignore=shutil.ignore_patterns(COMPOSER_DIR))
-    else:
-        export_run(base, out)
-    meta = read_export_meta(out)
-    model_config = from_dict(meta["config"]).model
-    target = out / COMPOSER_DIR
-    target.mkdir(exist_ok=True)
-    np.savez(target / "params.npz", **flatten(params))
-    composer_meta = {
-        "hidden": config.hidden,
-        "base_fingerprint": meta["fingerprint"],
-        "fingerprint": fingerprint(params, from_dict(meta["config"])),
-        "workdir": str(workdir.resolve()),
-        "config": to_dict(config),
-    }
-    (target / "config.json").write_text(json.dumps(composer_meta, indent=2) + "\n")
-    load_composer(out, model_config)  # the written composer matches the base model's config
+    with atomic_dir(out) as tmp:  # like every export: `out` is the old one or the whole new one
+        if is_export(base):
+            shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPOSER_DIR))
+        else:
+            export_run(base, tmp)
+        meta = read_export_meta(tmp)
+        model_config = from_dict(meta["config"]).model
+        target = tmp / COMPOSER_DIR
+        target.mkdir(exist_ok=True)
+        np.savez(target / "params.npz", **flatten(params))
+        composer_meta = {
+            "hidden": config.hidden,
+            "base_fingerprint": meta["fingerprint"],
+            "fingerprint": fingerprint(params, from_dict(meta["config"])),
+            "workdir": str(workdir.resolve()),
+            "config": to_dict(config),
+        }
+        (target / "config.json").write_text(json.dumps(composer_meta, indent=2) + "\n")
+        load_composer(tmp, model_config)  # the written composer matches the base model's config
     return meta["fingerprint"]
 
 
