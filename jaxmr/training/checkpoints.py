@@ -3,7 +3,10 @@ position) and metrics as JSON lines plus TensorBoard events."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
+from jaxmr.files import write_text
 from jaxmr.training.step import TrainState
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -54,13 +58,20 @@ class Checkpoints:
 
 class MetricsWriter:
     """Metrics as JSON lines (workdir/metrics.jsonl) and TensorBoard events (workdir/tensorboard); only process
-    0 of a multi-process run writes (`enabled`)."""
+    0 of a multi-process run writes (`enabled`).
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    A run resumed from step `start_step` continues the record from there: lines of later steps (written after
+    the restored checkpoint by the run that was killed) are dropped, and TensorBoard purges its events past
+    that step, so that no step is recorded twice. A run from scratch (start_step 0) starts a new record."""
+
+    def __init__(self, workdir: Path, enabled: bool = True, start_step: int = 0):
         self.path, self.enabled, self.tb = workdir / "metrics.jsonl", enabled, None
         if not enabled:
             return
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        kept = [m for m in read_metrics(workdir) if m.get("step", 0) <= start_step]
+        if kept or self.path.exists():
+            write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         if not self.enabled:
@@ -78,5 +89,36 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
+    """The records of workdir/metrics.jsonl, in order; a line cut short by a killed writer is left out."""
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+class StepTimer:
+    """Where one logging window's wall-clock went: `data_wait_s` is the mean time per step the loop waited for
+    the next batch (input-bound when it is a large share of `step_s`, the mean wall time per step; steps run
+    asynchronously, so the rest is compute the input pipeline could hide). Read it after a device_get of the
+    window's last step, so that the window's time includes its compute."""
+
+    def __init__(self) -> None:
+        self.start, self.waited, self.steps = time.perf_counter(), 0.0, 0
+
+    @contextlib.contextmanager
+    def data_wait(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.waited += time.perf_counter() - start
+
+    def report(self, batch_size: int) -> dict[str, float]:
+        """examples_per_s, step_s, data_wait_s and data_wait_share of the window (`steps` counted by the caller)."""
+        elapsed, steps = time.perf_counter() - self.start, max(self.steps, 1)
+        return {"examples_per_s": batch_size * self.steps / elapsed, "step_s": elapsed / steps,
+                "data_wait_s": self.waited / steps, "data_wait_share": self.waited / elapsed}  # fmt: skip

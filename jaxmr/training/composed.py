@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import jax
@@ -39,7 +38,7 @@ from jaxmr.export import COMPOSER_DIR, fingerprint, is_export, load_composer, re
 from jaxmr.files import atomic_dir, save_npy, slug
 from jaxmr.models import Composer
 from jaxmr.sharding import batch_axes, make_mesh
-from jaxmr.training.checkpoints import MetricsWriter
+from jaxmr.training.checkpoints import MetricsWriter, StepTimer
 from jaxmr.training.runs import export_run, load_encoder
 from jaxmr.training.step import TrainState, make_loss, make_optimizer, make_train_step
 from jaxmr.tree import flatten, unflatten
@@ -174,33 +173,35 @@ def train(config: ComposedConfig, workdir: str | Path, progress: bool = True) ->
     order, cursor = rng.permutation(len(train_data.texts)), 0
     last: dict[str, float] = {}
     bar = tqdm(total=config.steps, desc="train composer", unit="step", disable=not progress, dynamic_ncols=True)
-    timer = time.perf_counter()
+    timer = StepTimer()
     with jax.set_mesh(mesh):
         for step in range(1, config.steps + 1):
-            if cursor + config.batch_size > len(order):
-                order, cursor = rng.permutation(len(train_data.texts)), 0
-            rows = order[cursor : cursor + config.batch_size]
-            cursor += config.batch_size
-            batch = {
-                "image": train_data.gallery[train_data.targets[rows]],
-                "text": {"reference": train_data.gallery[train_data.references[rows]],
-                         "tokens": train_data.tokens[rows]},
-                "index": train_data.targets[rows].astype(np.int32),
-            }  # fmt: skip
-            state, metrics = step_fn(state, jax.device_put(batch, sharded))
+            with timer.data_wait():
+                if cursor + config.batch_size > len(order):
+                    order, cursor = rng.permutation(len(train_data.texts)), 0
+                rows = order[cursor : cursor + config.batch_size]
+                cursor += config.batch_size
+                batch = {
+                    "image": train_data.gallery[train_data.targets[rows]],
+                    "text": {"reference": train_data.gallery[train_data.references[rows]],
+                             "tokens": train_data.tokens[rows]},
+                    "index": train_data.targets[rows].astype(np.int32),
+                }  # fmt: skip
+                batch = jax.device_put(batch, sharded)
+            state, metrics = step_fn(state, batch)
+            timer.steps += 1
             if step % config.log_every == 0 or step == config.steps:
-                metrics = jax.device_get(metrics)
-                metrics["examples_per_s"] = config.log_every * config.batch_size / (time.perf_counter() - timer)
+                metrics = {**jax.device_get(metrics), **timer.report(config.batch_size)}
                 writer.write(step, metrics, "train/")
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                timer = time.perf_counter()
+                timer = StepTimer()
             if step % config.eval_every == 0 or step == config.steps:
                 params = jax.device_get(state.params)
                 last = evaluator(CachedGallery(val_data, encoder, graphdef, params))
                 writer.write(step, last, "eval/")
                 log.info("step %d: composed R@1 %.3f (image only %.3f, image + text %.3f)", step,
                          last["composed_r1"], last["image_only_r1"], last["image_plus_text_r1"])  # fmt: skip
-                timer = time.perf_counter()
+                timer = StepTimer()
             bar.update(1)
     bar.close()
     writer.close()

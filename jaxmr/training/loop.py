@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from jaxmr.data import DataError, Source, caption_table, parse_source
 from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.sharding import batch_axes, make_mesh
 from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
-from jaxmr.training.checkpoints import Checkpoints, MetricsWriter
+from jaxmr.training.checkpoints import Checkpoints, MetricsWriter, StepTimer
 from jaxmr.training.evaluators import RunEvaluation, TrainEmbedder
 from jaxmr.training.lit import cached_training
 from jaxmr.training.step import build, init_state
@@ -129,34 +128,35 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     evaluator = RunEvaluation(config, TrainEmbedder(trainable, tokenizer), first_embedder)
     if data_state is not None:
         iterator.set_state(data_state)
-    writer = MetricsWriter(workdir, enabled=distributed.is_primary())
     start = int(state.step)
+    writer = MetricsWriter(workdir, enabled=distributed.is_primary(), start_step=start)
     last_eval: dict = {}
     end = min(config.steps, stop_at_step or config.steps)
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not progress or not distributed.is_primary())  # fmt: skip
     try:
         with jax.set_mesh(mesh), _Stop() as stop:
-            timer, seen = time.perf_counter(), 0
+            timer = StepTimer()
             for step in range(start + 1, end + 1):
-                batch = next(iterator)
+                with timer.data_wait():
+                    batch = next(iterator)
                 state, metrics = trainable.step(state, batch)
-                seen += config.batch_size
+                timer.steps += 1
                 final = step == end
                 if step % config.log_every == 0 or final:
-                    metrics = jax.device_get(metrics)
-                    elapsed = time.perf_counter() - timer
-                    metrics["examples_per_s"] = seen / elapsed
+                    metrics = jax.device_get(metrics)  # waits for the step: the window's time is all compute + data
+                    metrics.update(timer.report(config.batch_size))
                     metrics["skipped_images"] = iterator.stats["skipped_images"]
                     writer.write(step, metrics, "train/")
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", ex_s=f"{metrics['examples_per_s']:.0f}")
-                    timer, seen = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", ex_s=f"{metrics['examples_per_s']:.0f}",
+                                    wait=f"{metrics['data_wait_share']:.0%}")  # fmt: skip
+                    timer = StepTimer()
                 eval_metrics = None
                 if step % config.eval_every == 0 or step == config.steps:
                     eval_metrics = last_eval = evaluator(state.params)
                     writer.write(step, eval_metrics, "eval/")
                     log.info("step %d: %s", step, _summary(eval_metrics))
-                    timer, seen = time.perf_counter(), 0
+                    timer = StepTimer()
                 stopping = distributed.any_process(stop.requested)  # a signal to one process stops them all
                 if step % config.checkpoint_every == 0 or final or stopping:
                     checkpoints.save(step, state, iterator.get_state(), eval_metrics)

@@ -92,16 +92,21 @@ def test_bad_options_fail_clearly():
         parse_source("shapes:n_test=0", "test")
 
 
-def test_cached_images_equal_rendered_ones(tmp_path, monkeypatch):
+def test_cached_records_equal_drawn_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXMR_CACHE", str(tmp_path))
     cached = ShapesSource(ShapesConfig(n=30, size=32))
     drawn = ShapesSource(ShapesConfig(n=30, size=32), cache=False)
-    for i in (0, 13, 29):
-        np.testing.assert_array_equal(cached[i]["image"], drawn[i]["image"])
+    for i in range(30):  # images, captions, metadata (floats through JSON exactly) and labels
+        a, b = cached[i], drawn[i]
+        np.testing.assert_array_equal(a.pop("image"), b.pop("image"))
+        assert a == b and cached.labels(i) == drawn.labels(i) and cached.captions(i) == drawn.captions(i)
     assert len(list((tmp_path / "shapes").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "shapes").glob("*-records.json"))) == 1
+    cached[3]["metadata"]["objects"].clear()  # a caller's changes never reach the shared table
+    assert cached[3]["metadata"] == drawn[3]["metadata"]
     import pickle
 
-    assert len(pickle.dumps(cached)) < 2000  # the memory map never travels to grain workers
+    assert len(pickle.dumps(cached)) < 2000  # neither the memory map nor the table travels to grain workers
 
 
 def test_split_all_is_every_split_in_order():

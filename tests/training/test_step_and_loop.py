@@ -141,6 +141,38 @@ def test_exact_resume(tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
+def _tensorboard_events(workdir: Path) -> list:
+    """Every event of the run's TensorBoard files (TFRecord framing: length, crc, data, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            length = int.from_bytes(data[at : at + 8], "little")
+            events.append(Event.FromString(data[at + 12 : at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_resume_after_a_lost_checkpoint_records_each_step_once(tmp_path):
+    """The run logged steps 4-5 after its checkpoint at 3, then died before saving 5: the resumed run
+    records 4-6 once (metrics.jsonl cut back to step 3, TensorBoard told to purge from step 4)."""
+    import shutil
+
+    config = smoke(steps=6, checkpoint_every=3, eval_every=100)
+    workdir = tmp_path / "run"
+    train(config, workdir, stop_at_step=5, progress=False)
+    shutil.rmtree(workdir / "checkpoints" / "5")
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')  # and the kill cut a line short
+    train(config, workdir, progress=False)
+    assert [m["step"] for m in read_metrics(workdir) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert all(line.startswith('{"step"') for line in (workdir / "metrics.jsonl").read_text().splitlines())
+    starts = [e.step for e in _tensorboard_events(workdir) if e.HasField("session_log") and e.session_log.status == 1]
+    assert starts[-1] == 4  # SessionLog.START at 4: TensorBoard drops the first run's events from step 4 on
+
+
 @pytest.mark.parametrize("captions", [1, 2])
 def test_sharded_run_matches_single_device(tmp_path, captions):
     config = smoke(steps=3, captions_per_image=captions)
@@ -157,7 +189,10 @@ def test_run_outputs_and_eval_cli(tmp_path, capsys):
     assert cli(["train", "--config", SMOKE, "--workdir", str(workdir), "--no-progress"]) == 0
     records = read_metrics(workdir)
     assert {m["step"] for m in records if "eval/t2i_r1" in m} == {3, 6}
-    assert all("train/examples_per_s" in m for m in records if "train/loss" in m)
+    for m in (m for m in records if "train/loss" in m):  # where each logging window's time went
+        assert m["train/examples_per_s"] * m["train/step_s"] == pytest.approx(16, rel=1e-6)  # batch 16
+        assert 0 <= m["train/data_wait_s"] <= m["train/step_s"]
+        assert m["train/data_wait_share"] == pytest.approx(m["train/data_wait_s"] / m["train/step_s"], rel=1e-6)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["__type__"] == "TrainConfig"
     capsys.readouterr()
@@ -203,7 +238,7 @@ def test_sigkill_during_async_checkpoint_then_resume(tmp_path):
     assert resumed.returncode == 0, output
     assert "resumed from step" in output and "Traceback" not in output
     steps = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
-    assert steps[-1] == 40 and len(set(steps)) == 40  # nothing missing after the restart
+    assert steps == list(range(1, 41))  # nothing missing after the restart, nothing recorded twice
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
