@@ -204,6 +204,15 @@ def _index_info(args: argparse.Namespace) -> None:
     print(json.dumps(index_info(args.index), indent=2))
 
 
+def _index_verify(args: argparse.Namespace) -> None:
+    from jaxmr.index.store import verify_index
+
+    m = verify_index(args.index)
+    captions = m["captions"]["count"] if m.get("captions") else 0
+    print(f"{args.index}: version {m['version']} is sound: {m['images']['count']} images, {captions} captions; "
+          "sizes, checksums, counts and ids checked, the searchers load")  # fmt: skip
+
+
 def _index_search(args: argparse.Namespace) -> None:
     from jaxmr.index.store import Searcher
 
@@ -251,6 +260,23 @@ def _demo(args: argparse.Namespace) -> None:
              photo_model=Path(args.photo_model) if args.photo_model else None)  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmr", description="Cross-modal retrieval: train, index, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -268,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--photo-model", default=None, help="the run or export that embeds --photos (default: "
                       "runs/flickr8k_lit when trained, else the demo model)")  # fmt: skip
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on")
-    demo.add_argument("--port", type=int, default=8000, help="port to serve on")
+    demo.add_argument("--port", type=_port, default=8000, help="port to serve on")
     demo.add_argument("--no-serve", action="store_true", help="stop after building the index")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -315,19 +341,23 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--split", default="all", help="train | val (= dev) | test | all (default: all)")
     build.add_argument("--out", required=True, help="index directory to write (resumes an interrupted build)")
     build.add_argument("--no-captions", action="store_true", help="index images only")
-    build.add_argument("--chunk", type=int, default=4096, help="images per resumable chunk")
-    build.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
+    build.add_argument("--chunk", type=_positive, default=4096, help="images per resumable chunk")
+    build.add_argument("--batch-size", type=_positive, default=256, help="images per encoder call")
     build.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="embeddings on disk")
     build.add_argument("--ann", action="append", default=[], metavar="KEY=VALUE",
                        help="ScaNN setting, e.g. method=tree_ah, leaves_to_search=64, reorder=256")  # fmt: skip
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(build)
-    info_index = add("info", _index_info, "print an index's manifest", index_commands)
+    info_index = add("info", _index_info, "print an index's manifest (after the cheap checks of verify)",
+                     index_commands)  # fmt: skip
     info_index.add_argument("index", help="index directory")
+    verify = add("verify", _index_verify, "check an index: file sizes and checksums, counts, unique ids, that the "
+                 "searchers load; exit 2 naming the first problem", index_commands)  # fmt: skip
+    verify.add_argument("index", help="index directory")
     search = add("search", _index_search, "search an index with a text query", index_commands)
     search.add_argument("index", help="index directory")
     search.add_argument("query", help="the text to search for")
-    search.add_argument("-k", type=int, default=10, help="number of results")
+    search.add_argument("-k", type=_positive, default=10, help="number of results")
     search.add_argument("--target", default="images", choices=("images", "captions"), help="what to return")
     search.add_argument("--exact", action="store_true", help="exact search instead of ScaNN")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -336,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = add("serve", _serve, "serve search over an index: JSON API, web UI, metrics")
     serve.add_argument("--index", default=None, help="index directory (or JAXMR_INDEX)")
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or JAXMR_HOST)")
-    serve.add_argument("--port", type=int, default=None, help="port (default 8000, or JAXMR_PORT)")
+    serve.add_argument("--port", type=_port, default=None, help="port (default 8000, or JAXMR_PORT)")
     serve.add_argument("--api-key", default=None, help="key for uploads and deletes (or JAXMR_API_KEY)")
 
     model = commands.add_parser("model", help="inspect presets, import CLIP / SigLIP checkpoints, export runs")
@@ -373,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         args.run(args)
-    except (DataError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (DataError, ValueError, OSError) as e:  # bad input, a file where a folder goes, a symlink loop ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

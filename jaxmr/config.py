@@ -201,6 +201,8 @@ def claim_workdir(config: Any, workdir: str | Path, write: bool = True) -> Path:
     """Creates `workdir` and saves `config` there (`write`: in a multi-process run only process 0 writes); a
     workdir holding a run with another config is refused."""
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"{workdir} is a file; the workdir must be a directory (new or holding a run)")
     workdir.mkdir(parents=True, exist_ok=True)
     saved = workdir / "config.json"
     if saved.exists() and read_config_json(saved) != config:

@@ -196,9 +196,20 @@ def _image_dirs(root: Path) -> list[Path]:
 
 
 class CaptionFolderSource:
-    """Random-access source over one split of a caption folder: one record per image, all its captions."""
+    """Random-access source over one split of a caption folder: one record per image, all its captions.
 
-    def __init__(self, root: str | os.PathLike, split: str | None = "train", captions_file: str | None = None):
+    Image names are paths relative to the folder (or its image subfolder). A name that points outside the folder
+    (an absolute path, or one that climbs out with "..") is refused, since whatever is indexed is served to
+    anyone who can search; `allow_outside=True` (`captions:DIR:allow_outside=1`) accepts them for a captions
+    file you trust. Symlinks inside the folder are followed either way."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | None = "train",
+        captions_file: str | None = None,
+        allow_outside: bool = False,
+    ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DataError(f"caption folder {self.root} does not exist or is not a directory")
@@ -224,6 +235,14 @@ class CaptionFolderSource:
             raise DataError(f"split {split!r} of {self.name} is empty; available splits: {available}")
         dirs = _image_dirs(self.root)
         self._items = [(n, grouped[n], _resolve(n, dirs)) for n in names]
+        if not allow_outside:
+            inside = os.path.normpath(self.root.absolute())
+            outside = [n for n, _, p in self._items if not os.path.normpath(p.absolute()).startswith(inside + os.sep)]
+            if outside:
+                raise DataError(
+                    f"{path}: {len(outside)} image names point outside {self.root} (e.g. {outside[0]!r}); move the "
+                    f"images into the folder, or give captions:{self.root}:allow_outside=1 to index them where they are"
+                )
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1,7 +1,8 @@
 """Source specs: the one string every data-taking command accepts.
 
 shapes[:n=10000,size=64,seed=0,n_val=1000,n_test=1000]   the procedural default
-captions:DIR                                              images + a captions file (format auto-detected)
+captions:DIR[:allow_outside=1]                            images + a captions file (format auto-detected); image
+                                                          names outside DIR only with allow_outside=1
 coco:DIR                                                  COCO 2014/2017 layout
 tfds:NAME[:split][:data_dir=DIR]                          any prepared TFDS image-caption dataset
 images:DIR                                                a plain folder of images, no captions
@@ -26,6 +27,8 @@ def _shapes(arg: str, split: str | None) -> Source:
     config = ShapesConfig(**typed_options(arg, fields, "shapes", DataError))
     if canonical_split(split) is None:  # "all": train, val and test one after another
         parts = [ShapesSource(config, s) for s in ("train", "val", "test") if config.count(s)]
+        if not parts:
+            raise DataError(f"shapes:{arg}: every split is empty (n, n_val and n_test are 0)")
         return ConcatSource(parts, parts[0].name)
     return ShapesSource(config, split)
 
@@ -43,6 +46,15 @@ def _tfds(arg: str, split: str | None) -> Source:
     return TfdsSource(name, split, data_dir=data_dir)
 
 
+def _captions(arg: str, split: str | None) -> Source:
+    """captions:DIR[:allow_outside=1]"""
+    root, _, options = arg.rpartition(":") if ":allow_outside=" in arg else (arg, "", "")
+    allow = typed_options(options, {"allow_outside": int}, "captions", DataError).get("allow_outside", 0)
+    if not root:
+        raise DataError("captions: needs a directory, e.g. captions:/path/to/folder")
+    return CaptionFolderSource(root, split, allow_outside=bool(allow))
+
+
 def _needs_dir(kind: str, factory: Callable[..., Source]) -> Callable[[str, str | None], Source]:
     def make(arg: str, split: str | None) -> Source:
         if not arg:
@@ -55,7 +67,7 @@ def _needs_dir(kind: str, factory: Callable[..., Source]) -> Callable[[str, str 
 # An explicit registry: the spec's kind names a factory(arg, split) -> Source.
 SOURCES: dict[str, Callable[[str, str | None], Source]] = {
     "shapes": _shapes,
-    "captions": _needs_dir("captions", CaptionFolderSource),
+    "captions": _captions,
     "coco": _needs_dir("coco", CocoSource),
     "tfds": _tfds,
     "images": _needs_dir("images", ImageFolderSource),

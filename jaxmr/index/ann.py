@@ -84,7 +84,10 @@ class AnnConfig:
     @classmethod
     def from_manifest(cls, saved: dict[str, Any]) -> AnnConfig:
         """The config an index was built with (indexes from before SOAR was a setting were built without it)."""
-        return cls(**{"soar_lambda": 0.0, **saved})
+        try:
+            return cls(**{"soar_lambda": 0.0, **saved})
+        except (TypeError, ValueError) as e:
+            raise InvalidIndexError(f"the manifest's ann settings {saved!r} are not valid: {e}") from None
 
     @classmethod
     def from_spec(cls, items: Sequence[str]) -> AnnConfig:

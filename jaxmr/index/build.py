@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import jaxmr
 from jaxmr import distributed
-from jaxmr.data import caption_table, parse_source
+from jaxmr.data import DataError, caption_table, parse_source
 from jaxmr.data.images import ImageReadError, center_square, load_image
 from jaxmr.encoder import Encoder
 from jaxmr.export import is_export, read_export_meta
@@ -105,6 +105,8 @@ def build_index(
         model_dir = out / "model"
         work = out / ".build"
         source = parse_source(source_spec, split)
+        if len(source) == 0:
+            raise DataError(f"{source.name}: nothing to index (the {split or 'all'} split has no images)")
         index, count = distributed.share()
         if count > 1 and not model_dir.exists() and not is_export(model):
             export_model(model, model_dir)  # a run's checkpoint: restored by all processes together

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -16,6 +17,9 @@ import pyarrow.parquet as pq
 
 from jaxmr.index.ann import AnnConfig, InvalidIndexError, build_scann, exact_search
 
+# A tree whose calibration needs more than this share of its leaves (or misses the target with all of them)
+# is replaced by AH over every vector: searching nearly every leaf costs more than no tree.
+TREE_USEFUL_SHARE = 0.5
 MAX_TOMBSTONES = 1024  # SOAR trees: deleted vectors left in the searcher (and filtered out) before a rebuild
 
 log = logging.getLogger(__name__)
@@ -53,14 +57,43 @@ class Collection:
         collection = cls(ids, embeddings, meta, resolved, build_scann(embeddings, ids, resolved))
         if resolved.method == "tree_ah" and ann.leaves_to_search == 0:
             collection._calibrate(queries)
+            chosen, leaves = collection.ann.leaves_to_search, collection.ann.num_leaves
+            recall = collection.calibration["recall_at_10"]
+            if chosen > TREE_USEFUL_SHARE * leaves or recall < ann.target_recall:
+                # The tree searches (nearly) every leaf and so only adds work: AH over every vector instead.
+                simpler = dataclasses.replace(ann, method="ah").resolve(len(ids), embeddings.shape[1])
+                why = (f"a tree needed {chosen} of {leaves} leaves (recall@10 {recall:.3f}, target "
+                       f"{ann.target_recall}): built {simpler.method} over every vector instead")  # fmt: skip
+                log.info("%s", why)
+                fallback = cls(ids, embeddings, meta, simpler, build_scann(embeddings, ids, simpler))
+                measured = fallback._recall(*collection._sample(queries), None)
+                fallback.calibration = {**collection.calibration, "recall_at_10": measured, "fallback": why}
+                return fallback
         return collection
 
-    def _calibrate(self, queries: np.ndarray | None, n_queries: int = 500) -> None:
+    def _sample(self, queries: np.ndarray | None, n_queries: int = 500) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Calibration queries float32 [Q, E] (given, else a sample of the collection's own vectors), the exact
+        10th-best score of each (ties at the boundary count as found), and whether they are the own vectors."""
         rng = np.random.default_rng(0)
         own = queries is None or len(queries) == 0
         pool = self.embeddings if own else queries
         sample = np.asarray(pool[np.sort(rng.choice(len(pool), min(n_queries, len(pool)), replace=False))], np.float32)
-        truth = self.ids[exact_search(self.embeddings, sample, 10)[0]]
+        tenth = exact_search(self.embeddings, sample, 10)[1][:, -1]
+        return sample, tenth, own
+
+    def _recall(self, sample: np.ndarray, tenth: np.ndarray, own: bool, leaves: int | None) -> float:
+        """recall@10 against exact search, by score: a result counts when its exact score reaches the 10th best
+        (so among many identical captions any ten of the tied ones are right answers)."""
+        found = self._search_ann(sample, 10, leaves)[0]
+        rows = self.rows_of(found.reshape(-1)).reshape(found.shape)
+        vectors = np.asarray(self.embeddings, np.float32)[np.maximum(rows, 0)]
+        exact = np.einsum("qe,qke->qk", sample, vectors)
+        slack = 1e-5 + 1e-3 * (self.embeddings.dtype == np.float16)  # the stored vectors' rounding
+        hits = (exact >= tenth[:, None] - slack) & (rows >= 0)
+        return float(hits.sum(axis=1).mean() / min(10, len(self.ids)))
+
+    def _calibrate(self, queries: np.ndarray | None) -> None:
+        sample, tenth, own = self._sample(queries)
         leaves = self.ann.num_leaves
         ladder = sorted(
             {
@@ -70,8 +103,7 @@ class Collection:
         )
         chosen, recall = leaves, 1.0
         for n in ladder:
-            found = self._search_ann(sample, 10, n)[0]
-            recall = float(np.mean([np.isin(f, t).mean() for f, t in zip(found, truth, strict=True)]))
+            recall = self._recall(sample, tenth, own, n)
             if recall >= self.ann.target_recall:
                 chosen = n
                 break
@@ -180,7 +212,9 @@ class Collection:
             out.scann = build_scann(out.embeddings, out.ids, self.ann)
         return out
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path) -> dict[str, dict[str, Any]]:
+        """Writes the collection into `directory` (new); returns its files' sizes and checksums (`file_records`),
+        which the version's manifest keeps so that a reader can refuse damaged files."""
         directory.mkdir(parents=True)
         np.save(directory / "embeddings.npy", self.embeddings)
         np.save(directory / "ids.npy", self.ids)
@@ -190,12 +224,25 @@ class Collection:
             self.scann.serialize(str(directory / "scann"), relative_path=True)
             (directory / "scann" / "scann_docids.pkl").unlink(missing_ok=True)  # no pickle: saved as .npy
             np.save(directory / "scann" / "docids.npy", np.asarray(self.scann.docids, np.int64))
+        return file_records(directory)
 
     @classmethod
-    def load(cls, directory: Path, ann: AnnConfig) -> Collection:
-        ids = np.load(directory / "ids.npy")
-        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r")
-        meta = pq.read_table(directory / "meta.parquet")
+    def load(cls, directory: Path, ann: AnnConfig, files: dict[str, dict[str, Any]] | None = None) -> Collection:
+        """Reads a saved collection, checking its files against `files` (the manifest's record) first. The
+        arrays are read into memory, not memory-mapped: a file damaged after the check cannot crash a reader."""
+        if files is not None:
+            check_files(directory, files)
+        try:
+            ids = np.load(directory / "ids.npy")
+            embeddings = np.load(directory / "embeddings.npy")
+            meta = pq.read_table(directory / "meta.parquet")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, pa.ArrowException) as e:  # a damaged file of an unchecked index
+            raise InvalidIndexError(f"{directory}: cannot read the collection ({type(e).__name__}: {e})") from None
+        if ids.ndim != 1 or embeddings.ndim != 2:
+            shapes = f"ids {ids.shape} and embeddings {embeddings.shape}"
+            raise InvalidIndexError(f"{directory}: {shapes} are not [N] and [N, E]")
         scann = None
         if ann.method != "exact":
             import scann as scann_lib  # slow to import (~1 s); only loading a saved searcher needs it
@@ -205,4 +252,38 @@ class Collection:
             saved = directory / "scann" / "docids.npy"  # the searcher's order (older indexes: that of ids.npy)
             docids = np.load(saved) if saved.exists() else ids
             scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in docids])
-        return cls(ids, np.asarray(embeddings), meta, ann, scann)
+        return cls(ids, embeddings, meta, ann, scann)
+
+
+# ---------------------------------------------------------------------------------------- file integrity
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `directory` (relative path -> {"bytes", "sha256"})."""
+    return {
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def check_files(directory: Path, files: dict[str, dict[str, Any]], checksums: bool = True) -> None:
+    """Raises InvalidIndexError naming the first file of `files` that is missing, of another size or (with
+    `checksums`) of other content; sizes are checked for every file before any checksum is computed."""
+    if not isinstance(files, dict):
+        raise InvalidIndexError(f"{directory}: the manifest's file list is not a mapping")
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise InvalidIndexError(f"{path} is missing")
+        if path.stat().st_size != want.get("bytes"):
+            raise InvalidIndexError(f"{path} has {path.stat().st_size} bytes, the manifest says {want.get('bytes')}")
+    if checksums:
+        for name, want in files.items():
+            if _sha256(directory / name) != want.get("sha256"):
+                raise InvalidIndexError(f"{directory / name} is damaged: its checksum differs from the manifest's")

@@ -26,6 +26,10 @@ from jaxmr.serving.uploads import BadRequest, decode_upload
 from jaxmr.serving.views import kmeans, project_2d
 
 
+class NoThumbnail(Exception):
+    """An indexed image whose file cannot be made into a thumbnail (unreadable, or over the pixel limit)."""
+
+
 @dataclasses.dataclass
 class Query:
     """One search: text, image pixels, or both (composed); `vector` skips encoding (find-similar)."""
@@ -51,12 +55,14 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.searcher = Searcher(settings.index)
+        self.searcher.clean()  # the server writes to the index: first remove what a killed writer left
         self.encoder = self.searcher.encoder
         self.ready = False
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._device_lock = threading.Lock()  # encoders and searches from the batch worker and uploads
-        self._projection: dict[tuple[int, int], dict] = {}
+        self._projection: dict[str, Any] = {}
+        self._projection_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self.compiled_after_warm_up: int | None = None
 
@@ -182,7 +188,8 @@ class Engine:
         return None if row < 0 else np.asarray(collection.embeddings[row], np.float32)
 
     def thumbnail(self, image_id: int, size: int) -> bytes | None:
-        """A JPEG at most `size` pixels on its longer side (an in-memory LRU of 2,048)."""
+        """A JPEG at most `size` pixels on its longer side (an in-memory LRU of 2,048); None for an unknown id.
+        Raises NoThumbnail when the image's file cannot be read or is over the pixel limits."""
         key = (self.searcher.version, image_id, size)
         if key in self._thumbs:
             self._thumbs.move_to_end(key)
@@ -192,6 +199,9 @@ class Engine:
             return None
         try:
             with Image.open(path) as pil:
+                big = pil.width * pil.height > self.settings.max_pixels
+                if big and pil.format != "JPEG":  # a JPEG's draft decodes it small
+                    raise NoThumbnail(f"image {image_id} has {pil.width}x{pil.height} pixels, over the server's limit")
                 pil.draft("RGB", (size, size))
                 pil = pil.convert("RGB")
                 pil.thumbnail((size, size), Image.Resampling.BICUBIC)  # only ever shrinks
@@ -200,8 +210,8 @@ class Engine:
                     pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.Resampling.NEAREST)
                 buffer = io.BytesIO()
                 pil.save(buffer, "JPEG", quality=85)
-        except OSError:
-            return None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise NoThumbnail(f"image {image_id} cannot be read for a thumbnail ({type(e).__name__})") from None
         self._thumbs[key] = buffer.getvalue()
         if len(self._thumbs) > 2048:
             self._thumbs.popitem(last=False)
@@ -248,17 +258,17 @@ class Engine:
         }
 
     def projection(self, n: int) -> dict[str, Any]:
-        """A 2-D t-SNE of up to `n` images (a fixed sample), computed once per index version and size."""
-        key = (self.searcher.version, n)
-        if key not in self._projection:
-            collection = self.searcher.collection("images")
-            rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(len(collection), min(n, len(collection)), replace=False))
-            vectors = np.asarray(collection.embeddings[rows], np.float32)
-            xy, method = project_2d(vectors)
-            ids = collection.ids[rows]
-            self._projection = {key: {
-                "method": method,
-                "points": [{"id": int(i), "x": float(x), "y": float(y)} for i, (x, y) in zip(ids, xy, strict=True)],
-            }}  # fmt: skip
-        return self._projection[key]
+        """A 2-D t-SNE of `settings.projection_points` images (a fixed random sample), computed once per index
+        version: the first `n` of its points (a random subset). Requests that arrive while it is computed wait
+        for that one computation, so no request costs more than one t-SNE per change of the index."""
+        with self._projection_lock:
+            version = self.searcher.version
+            if self._projection.get("version") != version:
+                collection = self.searcher.collection("images")
+                rng = np.random.default_rng(0)
+                rows = rng.permutation(len(collection))[: self.settings.projection_points]
+                xy, method = project_2d(np.asarray(collection.embeddings[rows], np.float32))
+                points = [{"id": int(i), "x": float(x), "y": float(y)} for i, (x, y) in zip(collection.ids[rows], xy,
+                                                                                            strict=True)]  # fmt: skip
+                self._projection = {"version": version, "method": method, "points": points}
+            return {"method": self._projection["method"], "points": self._projection["points"][:n]}

@@ -21,16 +21,21 @@ class Settings:
     max_batch: int = 64  # queries encoded and searched together
     batch_window_ms: float = 0.0  # extra wait for more queries; 0: batch whatever queued meanwhile
     compose_text_weight: float = 1.0  # image + text without a trained fusion module: zimg + w * ztxt
-    projection_max: int = 2000
+    # /api/projection: one t-SNE of this many sampled images per index version, computed on the first request
+    # after a change (28 s for 500 on 2 cores), then sliced: no request can start a second one for a version
+    projection_points: int = 600
     warm_up: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("port", "max_upload_bytes", "max_pixels", "max_text_chars", "max_k", "max_batch", "projection_max")
+        positive = ("port", "max_upload_bytes", "max_pixels", "max_text_chars", "max_k", "max_batch",
+                    "projection_points")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
         if self.max_offset < 0 or self.batch_window_ms < 0:
             raise ValueError("max_offset and batch_window_ms cannot be negative")
+        if self.port > 65535:
+            raise ValueError(f"setting port must be a TCP port (1-65535), got {self.port}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -43,8 +48,19 @@ class Settings:
                 continue
             kind = type(field.default)
             try:
-                values[field.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+                values[field.name] = parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
-                raise ValueError(f"JAXMR_{field.name.upper()}={raw!r} is not a {kind.__name__}") from None
+                what = "true or false (1/0, yes/no, on/off)" if kind is bool else f"a {kind.__name__}"
+                raise ValueError(f"JAXMR_{field.name.upper()}={raw!r} is not {what}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def parse_bool(text: str) -> bool:
+    """1/true/yes/on -> True, 0/false/no/off -> False (any case); anything else is a ValueError."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")

@@ -139,3 +139,20 @@ def test_flickr8k(flickr8k):
     assert Path(dev[0]["image"]).is_file()
     with pytest.raises(DataError, match="available splits"):
         parse_source(f"captions:{flickr8k}", "test")
+
+
+@pytest.mark.parametrize("name", ["ABSOLUTE", "../../secret.jpg", "sub/../../../secret.jpg"])
+def test_image_names_outside_the_folder_are_refused_unless_allowed(tsv_folder, tmp_path_factory, name):
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.jpg"
+    write_image(outside, 99)
+    if name != "ABSOLUTE":  # relative names (resolved in images/) climb out of the folder to a sibling of it
+        write_image(tsv_folder.parent / "secret.jpg", 99)
+    name = str(outside) if name == "ABSOLUTE" else name
+    with (tsv_folder / "captions.tsv").open("a") as f:
+        f.write(f"{name}\ttrain\ta picture kept outside\n")
+    with pytest.raises(DataError, match=r"point outside .*allow_outside=1"):
+        parse_source(f"captions:{tsv_folder}", "train")
+    allowed = parse_source(f"captions:{tsv_folder}:allow_outside=1", "train")
+    assert Path(allowed[len(allowed) - 1]["image"]).name == "secret.jpg"
+    with pytest.raises(DataError, match="unknown option"):
+        parse_source(f"captions:{tsv_folder}:allow_outside=1,sneaky=2", "train")

@@ -339,3 +339,22 @@ def test_tree_calibrates_leaves_on_the_queries_it_will_answer():
     assert own.calibration["queries"] == "own vectors (doubled)"
     fixed = Collection.create(ids, database, pa.table({"id": ids}), AnnConfig(method="tree_ah", leaves_to_search=5))
     assert fixed.ann.leaves_to_search == 5 and fixed.calibration is None
+
+
+def test_a_tree_that_needs_every_leaf_becomes_ah_and_ties_count_as_found():
+    import pyarrow as pa
+
+    # No structure for a tree to use: 4,000 random 64-d vectors, and a target only all 16 leaves reach.
+    database = unit(4000, 64, seed=5)
+    ids = np.arange(len(database), dtype=np.int64)
+    ann = AnnConfig(method="tree_ah", num_leaves=16, target_recall=0.995)
+    col = Collection.create(ids, database, pa.table({"id": ids}), ann, queries=unit(200, 64, seed=6))
+    assert col.ann.method == "ah" and col.ann.num_leaves == 0 and "16 of 16 leaves" in col.calibration["fallback"]
+    assert col.calibration["recall_at_10"] >= 0.9  # measured again on the AH searcher
+    # 50 distinct vectors, each 40 times (many identical captions): any ten of the tied best are right answers,
+    # so recall by score reaches the target with few leaves and the tree stays.
+    tied = np.repeat(unit(50, 64, seed=7), 40, axis=0)
+    ids = np.arange(len(tied), dtype=np.int64)
+    col = Collection.create(ids, tied, pa.table({"id": ids}), AnnConfig(method="tree_ah", num_leaves=16))
+    assert col.ann.method == "tree_ah" and col.calibration["recall_at_10"] >= 0.96, col.calibration
+    assert col.ann.leaves_to_search <= 8

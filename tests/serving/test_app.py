@@ -116,15 +116,15 @@ def bomb() -> bytes:
     return buffer.getvalue()
 
 
-BAD_SEARCHES = [
-    ({"text": ""}, 400, "empty"),
+BAD_SEARCHES = [  # the limits are in the OpenAPI schema too; each message names the field and the limit
+    ({"text": ""}, 400, "length >= 1"),
     ({"text": "   "}, 400, "empty"),
-    ({"text": "x" * 1001}, 400, "limit is 1000"),
-    ({"text": "x", "k": 0}, 400, "k must be between 1 and 100"),
-    ({"text": "x", "k": 101}, 400, "k must be between 1 and 100"),
-    ({"text": "x", "offset": -1}, 400, "offset must be between"),
-    ({"text": "x", "offset": 5000}, 400, "offset must be between"),
-    ({"text": "x", "target": "videos"}, 400, "target must be"),
+    ({"text": "x" * 1001}, 400, "length <= 1000"),
+    ({"text": "x", "k": 0}, 400, "k Expected `int` >= 1"),
+    ({"text": "x", "k": 101}, 400, "k Expected `int` <= 100"),
+    ({"text": "x", "offset": -1}, 400, "offset Expected `int` >= 0"),
+    ({"text": "x", "offset": 5000}, 400, "offset Expected `int` <= 1000"),
+    ({"text": "x", "target": "videos"}, 400, "target Expected `str` matching"),
     ({}, 400, "give a text, an image, or both"),
     ({"image": "%%%not base64%%%"}, 400, "base64"),
     ({"image": b64(b"just some text, not an image")}, 400, "not a readable image"),
@@ -267,10 +267,77 @@ def test_kmeans_by_hand():
 def test_settings_from_environment():
     s = Settings.from_env({"JAXMR_PORT": "9000", "JAXMR_API_KEY": "k", "JAXMR_WARM_UP": "false"}, index="x", port=None)
     assert (s.port, s.api_key, s.warm_up, s.index) == (9000, "k", False, "x")
+    assert Settings.from_env({"JAXMR_WARM_UP": "On"}).warm_up and not Settings.from_env({"JAXMR_WARM_UP": "0"}).warm_up
     with pytest.raises(ValueError, match="JAXMR_MAX_K='lots' is not a int"):
         Settings.from_env({"JAXMR_MAX_K": "lots"})
+    with pytest.raises(ValueError, match="JAXMR_WARM_UP='maybe' is not true or false"):
+        Settings.from_env({"JAXMR_WARM_UP": "maybe"})
     with pytest.raises(ValueError, match="max_k must be positive"):
         Settings(max_k=0)
+    with pytest.raises(ValueError, match="TCP port"):
+        Settings(port=99999)
+
+
+def test_malformed_bodies_are_400_never_500(client):
+    nested = '{"text": ' + "[" * 5000 + "]" * 5000 + "}"
+    for body in (nested, '{"text": "x", "k": 1e999}', '{"text": "\\ud800"}', "\xff\xfe", "[]", "null"):
+        response = client.post("/api/search", content=body.encode("utf-8", "surrogatepass"),
+                               headers={"content-type": "application/json"})  # fmt: skip
+        assert response.status_code == 400, (body[:40], response.status_code, response.text[:200])
+        assert response.headers["content-type"].startswith("application/json") and response.json()["detail"]
+
+
+def test_thumbnail_of_an_unreadable_or_huge_indexed_file_is_a_json_404(client, monkeypatch):
+    engine = client.app.state.engine
+    for image_id, content in ((11, bomb()), (12, b"not an image any more")):
+        engine.searcher.image_file(image_id).write_bytes(content)  # the file changed under the index
+        response = client.get(f"/api/thumbnails/{image_id}?size=48")
+        assert response.status_code == 404 and response.headers["content-type"].startswith("application/json")
+        assert f"image {image_id}" in response.json()["detail"]
+    # over Pillow's own limit (a JPEG skips the server's pixel check: its draft decodes small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, "JPEG")
+    engine.searcher.image_file(13).write_bytes(buffer.getvalue())
+    response = client.get("/api/thumbnails/13?size=48")
+    assert response.status_code == 404 and "cannot be read" in response.json()["detail"]
+
+
+def test_projection_is_computed_once_per_index_version(client, monkeypatch):
+    from jaxmr.serving import engine as engine_module
+
+    calls = []
+    real = engine_module.project_2d
+    monkeypatch.setattr(engine_module, "project_2d", lambda v: calls.append(len(v)) or real(v))
+    client.app.state.engine._projection = {}
+    sizes = [len(client.get(f"/api/projection?n={n}").json()["points"]) for n in (2, 17, 40, 600, 33)]
+    assert calls == [64] and sizes == [2, 17, 40, 64, 33]  # one t-SNE of every image (64 < 600 points)
+    assert client.get("/api/projection?n=601").status_code == 400
+
+
+def test_responses_leak_no_paths_and_downloads_are_not_sniffed(client, index_dir):
+    info = client.get("/api/info").json()
+    assert "workdir" not in info["model"] and str(index_dir.parent) not in str(info)
+    for path in ("/api/images/7", "/api/thumbnails/7", "/api/info", "/api/images/99999", "/"):
+        assert client.get(path).headers["x-content-type-options"] == "nosniff", path
+
+
+def test_a_broken_index_answers_503_without_its_path(smoke_run, tmp_path):
+    from litestar.testing import TestClient
+
+    out = tmp_path / "broken"
+    build_index(smoke_run, SMOKE_SOURCE, out, split="test", options=BuildOptions(), progress=False)
+    ids = next(out.glob("v*")) / "images" / "ids.npy"
+    data = bytearray(ids.read_bytes())
+    data[-1] ^= 0xFF  # damaged in a way only the checksum sees: the server starts, the load fails
+    ids.write_bytes(bytes(data))
+    with TestClient(create_app(Settings(index=str(out)))) as c:
+        deadline = time.time() + 60
+        while c.get("/readyz").status_code == 503 and "could not" not in c.get("/readyz").text:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        response = c.get("/api/info")
+        assert response.status_code == 503 and str(out) not in response.text and str(tmp_path) not in response.text
 
 
 # ------------------------------------------------------------------------------------------- live server
@@ -306,20 +373,31 @@ def live_server(index_dir, tmp_path_factory):
 
 
 def test_fuzz_the_api_from_its_openapi_schema(live_server):
+    """schemathesis over every route of the server's own schema: no 5xx, every status code, content type and
+    JSON body as documented, and data outside the documented limits refused. (Not checked: that all data
+    inside the schema is accepted, since a schema cannot say "a decodable image" or "not only spaces".)"""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi import checks
 
     schema = schemathesis.openapi.from_url(f"{live_server}/schema/openapi.json")
-    failures = []
+    run = [not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+           checks.response_schema_conformance, checks.response_headers_conformance,
+           checks.negative_data_rejection]  # fmt: skip
+    failures, calls = [], []
 
     @given(case=schema.as_strategy())
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def fuzz(case):
-        response = case.call(base_url=live_server, headers={"x-api-key": KEY}, timeout=30)
-        if response.status_code >= 500:
-            failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+        calls.append(case.operation.label)
+        try:
+            case.call_and_validate(base_url=live_server, headers={"x-api-key": KEY}, timeout=30, checks=run)
+        except AssertionError as e:  # schemathesis' failures; each is kept, the run goes on
+            failures.append(f"{case.method} {case.formatted_path}: {str(e)[:300]}")
 
     fuzz()
+    assert len(set(calls)) >= 12, sorted(set(calls))  # every operation was tried
     assert not failures, "\n".join(failures[:10])
 
 
