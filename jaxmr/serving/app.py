@@ -417,5 +417,7 @@ def run(settings: Settings, on_ready_message: str = "") -> None:
         print(f"serving {settings.index} at http://{settings.host}:{settings.port}  (Ctrl-C stops){on_ready_message}",
               flush=True)  # fmt: skip
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down cleanly (as uvicorn.run does, exit 0)
+        pass
     finally:
         sock.close()

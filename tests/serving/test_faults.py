@@ -36,7 +36,7 @@ def free_port() -> int:
 def start(index: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "jaxmr.cli", "serve", "--index", str(index), "--port", str(port), "--api-key", KEY]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})  # fmt: skip
+                            env={**os.environ, "XLA_FLAGS": "", "JAXMR_WARM_UP": "0"})  # fmt: skip
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:

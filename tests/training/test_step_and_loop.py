@@ -127,20 +127,6 @@ def _params(workdir):
     return jax.device_get(load_run(workdir)[2].params)
 
 
-def test_exact_resume(tmp_path):
-    config = smoke()
-    train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "resumed", stop_at_step=3, progress=False)
-    assert [m["step"] for m in read_metrics(tmp_path / "resumed") if "train/loss" in m] == [1, 2, 3]
-    train(config, tmp_path / "resumed", progress=False)
-    for a, b in zip(
-        jax.tree.leaves(_params(tmp_path / "straight")), jax.tree.leaves(_params(tmp_path / "resumed")), strict=True
-    ):
-        np.testing.assert_array_equal(a, b)
-    losses = lambda d: [m["train/loss"] for m in read_metrics(d) if "train/loss" in m]
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-
-
 def _tensorboard_events(workdir: Path) -> list:
     """Every event of the run's TensorBoard files (TFRecord framing: length, crc, data, crc)."""
     from tensorboardX.proto.event_pb2 import Event
@@ -155,22 +141,31 @@ def _tensorboard_events(workdir: Path) -> list:
     return events
 
 
-def test_resume_after_a_lost_checkpoint_records_each_step_once(tmp_path):
-    """The run logged steps 4-5 after its checkpoint at 3, then died before saving 5: the resumed run
-    records 4-6 once (metrics.jsonl cut back to step 3, TensorBoard told to purge from step 4)."""
+def test_exact_resume_after_a_lost_checkpoint_records_each_step_once(tmp_path):
+    """Straight vs resumed: the resumed run logged steps 4-5 after its checkpoint at 3, then died before its
+    checkpoint at 5 was complete (and cut a line short). It resumes from 3 to bitwise-identical parameters and
+    losses, and records 4-6 once: metrics.jsonl is cut back to step 3, TensorBoard purges from step 4."""
     import shutil
 
-    config = smoke(steps=6, checkpoint_every=3, eval_every=100)
-    workdir = tmp_path / "run"
-    train(config, workdir, stop_at_step=5, progress=False)
-    shutil.rmtree(workdir / "checkpoints" / "5")
-    with (workdir / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 5, "train/lo')  # and the kill cut a line short
-    train(config, workdir, progress=False)
-    assert [m["step"] for m in read_metrics(workdir) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
-    assert all(line.startswith('{"step"') for line in (workdir / "metrics.jsonl").read_text().splitlines())
-    starts = [e.step for e in _tensorboard_events(workdir) if e.HasField("session_log") and e.session_log.status == 1]
+    config = smoke()  # 6 steps, checkpoints every 3
+    train(config, tmp_path / "straight", progress=False)
+    resumed = tmp_path / "resumed"
+    train(config, resumed, stop_at_step=5, progress=False)
+    assert [m["step"] for m in read_metrics(resumed) if "train/loss" in m] == [1, 2, 3, 4, 5]
+    shutil.rmtree(resumed / "checkpoints" / "5")
+    with (resumed / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')
+    train(config, resumed, progress=False)
+    assert [m["step"] for m in read_metrics(resumed) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert all(line.startswith('{"step"') for line in (resumed / "metrics.jsonl").read_text().splitlines())
+    starts = [e.step for e in _tensorboard_events(resumed) if e.HasField("session_log") and e.session_log.status == 1]
     assert starts[-1] == 4  # SessionLog.START at 4: TensorBoard drops the first run's events from step 4 on
+    for a, b in zip(
+        jax.tree.leaves(_params(tmp_path / "straight")), jax.tree.leaves(_params(tmp_path / "resumed")), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    losses = lambda d: [m["train/loss"] for m in read_metrics(d) if "train/loss" in m]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("captions", [1, 2])
