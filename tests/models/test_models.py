@@ -25,6 +25,8 @@ from jaxmr.models.towers import sincos_2d
 from jaxmr.sharding import make_mesh, param_shardings
 from jaxmr.text import train_bpe
 
+from conftest import assert_close_in_norm
+
 SMALL = ModelConfig(
     image=ViTConfig(image_size=32, patch=8, width=64, depth=2, heads=2, pool="mean"),
     text=TextConfig(vocab_size=300, max_len=48, width=64, depth=2, heads=2),
@@ -137,8 +139,7 @@ def test_remat_gives_the_same_gradients():
     remat = DualEncoder(dataclasses.replace(SMALL, remat=True), rngs=nnx.Rngs(0))
     (l1, g1), (l2, g2) = _loss_and_grads_jit(plain, images, tokens), _loss_and_grads_jit(remat, images, tokens)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_close_in_norm(g1, g2)  # recomputed activations may be fused differently: compare leaves in norm
 
 
 def test_logical_axes_shard_params_and_sharded_forward_agrees():
