@@ -62,15 +62,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--quick", action="store_true", help="a small index and 2 s per level (CI smoke test)")
+    parser.add_argument("--quick", action="store_true", help="a small index and 1 s per level (CI smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from jaxmr.index.build import write_index
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or _smoke_run(Path(tmp) / "run")
-        n = 20_000 if args.quick else int(args.size)
-        seconds = 2.0 if args.quick else args.seconds
+        n = 5_000 if args.quick else int(args.size)
+        seconds = 1.0 if args.quick else args.seconds
         dim = _embed_dim(workdir)
         vectors, text, _ = clustered_vectors(n, dim, 500)
         index = Path(tmp) / "index"
@@ -79,6 +79,8 @@ def main() -> None:
         build_s = time.perf_counter() - start
         del vectors
         env = dict(os.environ, JAXMR_INDEX=str(index), JAXMR_PORT=str(args.port))
+        if args.quick:  # a smoke test: no figures are kept, so no compiling of every bucket first
+            env["JAXMR_WARM_UP"] = "0"
         server = subprocess.Popen([sys.executable, "-m", "jaxmr.cli", "serve"], env=env, stdout=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{args.port}"

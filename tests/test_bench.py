@@ -12,9 +12,10 @@ from conftest import ROOT
 @pytest.mark.parametrize(
     "script", ["input_pipeline", "loss_memory", "train_throughput", "index_recall", "serve_load", "search_latency"]
 )
-def test_quick_mode_writes_results(tmp_path, script):
+def test_quick_mode_writes_results(tmp_path, script, request):
     out = tmp_path / f"{script}.json"
-    result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=ROOT,
+    extra = ["--workdir", str(request.getfixturevalue("smoke_run"))] if script == "serve_load" else []  # trained once
+    result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out), *extra], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
