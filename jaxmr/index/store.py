@@ -108,12 +108,17 @@ def _clean(path: Path) -> list[str]:
             removed.append(p.name)
     files = path / "files"
     if files.is_dir() and not (path / ".build").exists():  # an unfinished build's chunks own files of no version
-        referenced = set()
+        referenced: set[str] | None = set()
         for version in _version_dirs(path):
-            meta = version / "images" / "meta.parquet"
-            if meta.is_file():
-                referenced.update(pq.read_table(meta, columns=["path"]).column("path").to_pylist())
-        for f in files.iterdir():
+            try:
+                referenced.update(
+                    pq.read_table(version / "images" / "meta.parquet", columns=["path"])["path"].to_pylist()
+                )
+            except (OSError, pa.ArrowException, KeyError) as e:  # cannot tell what is referenced: delete nothing
+                log.warning("%s: not removing unreferenced files, %s is unreadable: %s", path, version.name, e)
+                referenced = None
+                break
+        for f in files.iterdir() if referenced is not None else ():
             if f"files/{f.name}" not in referenced and f.is_file():
                 f.unlink(missing_ok=True)
                 removed.append(f"files/{f.name}")

@@ -159,3 +159,11 @@ def test_a_failed_add_leaves_no_files(index, monkeypatch):
     with pytest.raises(RuntimeError, match="disk filled"):
         searcher.add([np.zeros((32, 32, 3), np.uint8)])
     assert sorted((index / "files").iterdir()) == before
+
+
+def test_cleanup_deletes_nothing_when_it_cannot_tell_what_is_referenced(index):
+    Searcher(index).add([np.zeros((32, 32, 3), np.uint8)])  # v000002; v000001 is kept for slow readers
+    (index / "v000001" / "images" / "meta.parquet").write_bytes(b"damaged")
+    orphan = index / "files" / "000999999.png"
+    orphan.write_bytes(b"maybe an image a version we cannot read still needs")
+    assert Searcher(index).clean() == [] and orphan.exists()
