@@ -56,7 +56,8 @@ class Collection:
         resolved = ann.resolve(len(ids), embeddings.shape[1] if embeddings.ndim == 2 else 0)
         collection = cls(ids, embeddings, meta, resolved, build_scann(embeddings, ids, resolved))
         if resolved.method == "tree_ah" and ann.leaves_to_search == 0:
-            collection._calibrate(queries)
+            probe = collection._sample(queries)  # one exact search, for the calibration and a fallback's recall
+            collection._calibrate(*probe)
             chosen, leaves = collection.ann.leaves_to_search, collection.ann.num_leaves
             recall = collection.calibration["recall_at_10"]
             if chosen > TREE_USEFUL_SHARE * leaves or recall < ann.target_recall:
@@ -66,7 +67,7 @@ class Collection:
                        f"{ann.target_recall}): built {simpler.method} over every vector instead")  # fmt: skip
                 log.info("%s", why)
                 fallback = cls(ids, embeddings, meta, simpler, build_scann(embeddings, ids, simpler))
-                measured = fallback._recall(*collection._sample(queries), None)
+                measured = fallback._recall(probe[0], probe[1], None)
                 fallback.calibration = {**collection.calibration, "recall_at_10": measured, "fallback": why}
                 return fallback
         return collection
@@ -81,7 +82,7 @@ class Collection:
         tenth = exact_search(self.embeddings, sample, 10)[1][:, -1]
         return sample, tenth, own
 
-    def _recall(self, sample: np.ndarray, tenth: np.ndarray, own: bool, leaves: int | None) -> float:
+    def _recall(self, sample: np.ndarray, tenth: np.ndarray, leaves: int | None) -> float:
         """recall@10 against exact search, by score: a result counts when its exact score reaches the 10th best
         (so among many identical captions any ten of the tied ones are right answers)."""
         found = self._search_ann(sample, 10, leaves)[0]
@@ -92,8 +93,8 @@ class Collection:
         hits = (exact >= tenth[:, None] - slack) & (rows >= 0)
         return float(hits.sum(axis=1).mean() / min(10, len(self.ids)))
 
-    def _calibrate(self, queries: np.ndarray | None) -> None:
-        sample, tenth, own = self._sample(queries)
+    def _calibrate(self, sample: np.ndarray, tenth: np.ndarray, own: bool) -> None:
+        """Sets leaves_to_search to the fewest leaves that reach the target on `sample` (see `_sample`)."""
         leaves = self.ann.num_leaves
         ladder = sorted(
             {
@@ -103,7 +104,7 @@ class Collection:
         )
         chosen, recall = leaves, 1.0
         for n in ladder:
-            recall = self._recall(sample, tenth, own, n)
+            recall = self._recall(sample, tenth, n)
             if recall >= self.ann.target_recall:
                 chosen = n
                 break

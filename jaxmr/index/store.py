@@ -157,7 +157,11 @@ def _commit(path: Path, manifest: dict, collections: dict[str, Collection | None
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The current version's manifest, checked for the keys a reader relies on (InvalidIndexError otherwise)."""
-    path = Path(path)
+    return _current(Path(path))[1]
+
+
+def _current(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The current version directory and its checked manifest, read through one look at the `current` link."""
     if not path.is_dir():
         raise InvalidIndexError(f"{path} is not an index (not a directory)")
     version = current_version(path)
@@ -170,7 +174,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise
     except (OSError, ValueError) as e:
         raise InvalidIndexError(f"{version / 'manifest.json'} cannot be read: {e}") from None
-    return check_manifest(manifest, version)
+    return version, check_manifest(manifest, version)
 
 
 def check_manifest(manifest: Any, version: Path) -> dict[str, Any]:
@@ -239,11 +243,8 @@ class Searcher:
 
     def _load(self) -> _State:
         for _ in range(3):  # a version may be pruned between reading the link and opening it: read again
-            version = current_version(self.path)
-            if version is None:
-                read_manifest(self.path)  # raises the helpful error
             try:
-                manifest = read_manifest(self.path)
+                version, manifest = _current(self.path)
                 images = _load_collection(version, manifest, "images")
                 captions = _load_collection(version, manifest, "captions") if manifest.get("captions") else None
                 return _State(version, manifest, images, captions)
@@ -442,8 +443,7 @@ def index_info(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of an index, with its directory's size on disk, after the cheap checks of `verify_index`
     (the manifest, every file's size, the counts in the files' headers): InvalidIndexError when one fails."""
     path = Path(path)
-    manifest = verify_index(path, full=False)
-    version = current_version(path)
+    version, manifest = _verify(path, full=False)
     manifest["disk_bytes"] = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
     return manifest
 
@@ -468,9 +468,11 @@ def verify_index(path: str | os.PathLike, full: bool = True) -> dict[str, Any]:
     against the manifest, the counts in the .npy and parquet headers against the manifest's count and against
     each other, and the vector width. `full` adds every file's checksum, loading each collection (ScaNN
     included), unique ids, and that every image file the index owns is there."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    version = current_version(path)
+    return _verify(Path(path), full)[1]
+
+
+def _verify(path: Path, full: bool) -> tuple[Path, dict[str, Any]]:
+    version, manifest = _current(path)
     dim = manifest["model"]["embed_dim"]
     for target in TARGETS:
         part = manifest.get(target)
@@ -495,9 +497,7 @@ def verify_index(path: str | os.PathLike, full: bool = True) -> dict[str, Any]:
             raise InvalidIndexError(f"{directory}: vectors of width {embeddings[1]}, the model's is {dim}")
         if not full:
             continue
-        if "files" in part:
-            check_files(directory, part["files"], checksums=True)
-        collection = _load_collection(version, manifest, target)
+        collection = _load_collection(version, manifest, target)  # checks the checksums first
         if len(np.unique(collection.ids)) != len(collection.ids):
             raise InvalidIndexError(f"{directory}: ids are not unique")
         if target == "images":
@@ -507,4 +507,4 @@ def verify_index(path: str | os.PathLike, full: bool = True) -> dict[str, Any]:
                 raise InvalidIndexError(
                     f"{path}: {len(missing)} of the index's image files are missing ({missing[0]} ...)"
                 )
-    return manifest
+    return version, manifest

@@ -54,15 +54,15 @@ class ErrorBody(msgspec.Struct):
     detail: str
 
 
-def _error(status: int, why: str) -> ResponseSpec:
+def _error(why: str) -> ResponseSpec:
     return ResponseSpec(ErrorBody, description=why, generate_examples=False)
 
 
-BAD = {400: _error(400, "the request breaks a limit or is malformed (detail says which)")}
-UNAVAILABLE = {503: _error(503, "the model is loading or warming up, or the index could not be loaded")}
-UNKNOWN = {404: _error(404, "no image with this id")}
-KEY = {401: _error(401, "this route needs the server's API key in the X-API-Key header")}
-TOO_LARGE = {413: _error(413, "an image (or the whole body) is over the size or pixel limits")}
+BAD = {400: _error("the request breaks a limit or is malformed (detail says which)")}
+UNAVAILABLE = {503: _error("the model is loading or warming up, or the index could not be loaded")}
+UNKNOWN = {404: _error("no image with this id")}
+KEY = {401: _error("this route needs the server's API key in the X-API-Key header")}
+TOO_LARGE = {413: _error("an image (or the whole body) is over the size or pixel limits")}
 
 
 class ServiceUnavailable(HTTPException):
@@ -329,7 +329,7 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
         detail += ": " + "; ".join(
             f"{e.get('key', '')} {e.get('message', '')}".strip() if isinstance(e, dict) else str(e) for e in extra
         )
-    return _json_error(exc.status_code, detail, {k: v for k, v in (exc.headers or {}).items()})
+    return _json_error(exc.status_code, detail, exc.headers)
 
 
 def _unparsable(_: Request, exc: RecursionError) -> Response:
