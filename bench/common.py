@@ -14,6 +14,21 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
+# Dense bf16 tensor-core peaks by the vendors' datasheets (FLOP/s, no sparsity): the denominator of MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The datasheet's dense bf16 peak of a device kind such as "NVIDIA H200", or None when unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
+
+
+def device_slug(device_kind: str, platform_name: str) -> str:
+    """A file-name form of the accelerator: "NVIDIA H200" -> "nvidia-h200"; a CPU is "cpu<cores>"."""
+    if platform_name == "cpu":
+        return f"cpu{os.cpu_count()}"
+    return "-".join("".join(c if c.isalnum() else " " for c in device_kind.lower()).split())
+
 
 def machine() -> dict:
     """A description of this machine and the versions that matter for the numbers."""
@@ -53,6 +68,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)

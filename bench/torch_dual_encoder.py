@@ -1,4 +1,5 @@
-"""The peer for bench/train_throughput.py: jaxmr's dual encoder written plainly in PyTorch (eager, fp32).
+"""The peer for bench/train_throughput.py and bench/accelerator.py: jaxmr's dual encoder written plainly in
+PyTorch (eager fp32 on a CPU; bf16 autocast and torch.compile on a GPU are the caller's choice).
 
 Same blocks as jaxmr.models (pre-LN Transformer, ViT with patch conv and LN before the blocks, text tower with
 padding mask and EOS / mean / CLS pooling, bias-free projections, learnable logit scale), so the two sides do
@@ -73,7 +74,9 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]
         padding = tokens == self.c.pad_id
-        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1) if self.c.causal else None
+        causal = (
+            torch.triu(torch.ones(length, length, dtype=torch.bool, device=tokens.device), 1) if self.c.causal else None
+        )
         x = self.embed(tokens) + self.pos[:, :length]
         for block in self.blocks:
             x = block(x, attn_mask=causal, padding=padding)
@@ -84,7 +87,7 @@ class TextTransformer(nn.Module):
         if self.c.pool == "cls":
             return x[:, 0]
         last = (valid.sum(1).long() - 1).clamp(min=0)
-        return x[torch.arange(x.shape[0]), last]
+        return x[torch.arange(x.shape[0], device=x.device), last]
 
 
 class TorchDualEncoder(nn.Module):
@@ -104,5 +107,5 @@ class TorchDualEncoder(nn.Module):
 
 def clip_loss(zimg: torch.Tensor, ztxt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     logits = scale * zimg @ ztxt.T
-    labels = torch.arange(len(zimg))
+    labels = torch.arange(len(zimg), device=zimg.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -17,14 +17,13 @@ import time
 import jax
 import numpy as np
 
-from bench.common import write_results
+from bench.common import peak_flops, write_results
 from jaxmr.config import DataConfig, TrainConfig
 from jaxmr.models import PRESETS, ModelConfig
 from jaxmr.sharding import make_mesh
 from jaxmr.training.step import build
 
 BATCH = {"tiny": 256, "s16": 32}
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 
 
 def _batch(model: ModelConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,7 +103,7 @@ def main() -> None:
         rate, flops_per_s = jaxmr_rate(model, batch, steps)
         record = {"model": name, "batch": batch, "device": device.device_kind, "jaxmr_examples_per_s": rate}
         if flops_per_s and device.platform == "gpu":
-            peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+            peak = peak_flops(device.device_kind)
             record["jaxmr_mfu"] = flops_per_s / peak if peak else "-"
         if not args.no_torch and device.platform == "cpu":
             record["torch_examples_per_s"] = torch_rate(model, batch, steps)

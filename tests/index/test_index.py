@@ -70,6 +70,21 @@ def test_jax_exact_search_by_hand_and_against_numpy():
     assert JaxExactSearch(database, dtype="bfloat16").nbytes == database.nbytes // 2
 
 
+def test_jax_search_from_a_device_array_and_with_approximate_blocks():
+    import jax.numpy as jnp
+
+    database, queries = unit(3000, 32, 0), unit(50, 32, 1)
+    expected_rows, _ = exact_search(database, queries, 10)
+    rows, _ = JaxExactSearch(jnp.asarray(database), max_scores=50 * 700)(queries, k=10)
+    np.testing.assert_array_equal(rows, expected_rows)  # a jax.Array in: the same search, no host copy first
+    approx = JaxExactSearch(database, max_scores=50 * 700, recall_target=0.9)
+    rows, scores = approx(queries, k=10)
+    assert rows.shape == (50, 10) and recall(rows, expected_rows) >= 0.9
+    assert np.all(np.diff(scores, axis=1) <= 0)  # merged exactly: best first
+    with pytest.raises(ValueError, match="recall_target"):
+        JaxExactSearch(database, recall_target=1.0)
+
+
 def test_auto_config_follows_scann_advice():
     assert AnnConfig().resolve(5_000).method == "brute_force"
     assert AnnConfig().resolve(50_000).method == "ah"
