@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow lint format bench-input browser
+.PHONY: install demo test test-slow lint format bench-input bench-accel accel-wheels browser
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,12 @@ format: install
 
 bench-input: install
 	$(BIN)/python -m bench.input_pipeline
+
+# The accelerator suite (bench/accelerator.py) on the GPU machine, with that machine's python3 and packages, not
+# .venv: `make accel-wheels` here first (the wheels its image lacks, into .whl/), carry .whl there, then
+# `make bench-accel` (ARGS="--only train,search" and the like pass through; ARGS=--quick dry-runs it anywhere).
+bench-accel:
+	PYTHON=$(PYTHON) bash bench/accelerator.sh $(ARGS)
+
+accel-wheels:
+	$(PYTHON) -m bench.accelerator_wheels

@@ -35,55 +35,98 @@ def _batch(model: ModelConfig, batch: int, seed: int = 0) -> dict[str, np.ndarra
             "index": np.arange(batch, dtype=np.int32)}  # fmt: skip
 
 
-def jaxmr_rate(model: ModelConfig, batch: int, steps: int) -> tuple[float, float | None]:
+def compile_step(model: ModelConfig, batch: int):
+    """(trainable, batch on the device, the compiled train step, compile seconds) for `model` at `batch` on one
+    device, AdamW as a training run has it; the compiled step takes (state, batch) and donates the state."""
     config = TrainConfig(model=model, data=DataConfig(image_size=model.image.image_size, max_len=model.text.max_len),
-                         batch_size=batch, mesh=(("data", 1),))  # fmt: skip
+                         batch_size=batch, mesh=(("data", 1),), steps=1000)  # fmt: skip
     trainable = build(config, make_mesh(config.mesh))
-    state = trainable.init()
     data = {k: jax.device_put(v, trainable.batch_sharding) for k, v in _batch(model, batch).items()}
-    flops = None
+    start = time.perf_counter()
+    compiled = trainable.step.lower(trainable.abstract_state(), data).compile()
+    return trainable, data, compiled, time.perf_counter() - start
+
+
+def step_flops(compiled) -> float | None:
+    """XLA's own FLOP count of a compiled program (None where the backend gives none)."""
     try:
-        cost = trainable.step.lower(state, data).compile().cost_analysis()
-        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0)) or None
+        cost = compiled.cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0)) or None
     except Exception:
-        pass
-    for _ in range(2):
-        state, metrics = trainable.step(state, data)
+        return None
+
+
+def time_steps(trainable, data, compiled, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """(seconds per step, last loss) of `steps` steps after `warmup` unmeasured ones, from a fresh state."""
+    state = trainable.init()
+    for _ in range(warmup):
+        state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = trainable.step(state, data)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
+        state, metrics = compiled(state, data)
+    loss = float(jax.block_until_ready(metrics)["loss"])
+    return (time.perf_counter() - start) / steps, loss
+
+
+def jaxmr_rate(model: ModelConfig, batch: int, steps: int) -> tuple[float, float | None]:
+    trainable, data, compiled, _ = compile_step(model, batch)
+    seconds, _ = time_steps(trainable, data, compiled, steps)
+    flops = step_flops(compiled)
     return batch / seconds, (flops / seconds if flops else None)
 
 
-def torch_rate(model: ModelConfig, batch: int, steps: int) -> float:
+def torch_steps(model: ModelConfig, batch: int, steps: int, device: str = "cpu", bf16: bool = False,
+                compile: bool = False, warmup: int = 2) -> dict:  # fmt: skip
+    """The same model, batch, optimizer (AdamW b2 0.98, weight decay 0.1, clip 1.0) and loss (float32) in
+    PyTorch; on a GPU with `bf16` autocast, `compile` (torch.compile) and fused AdamW. Returns examples/s,
+    step_ms, compile_s (the first step), loss and peak memory."""
     import torch
 
     from bench.torch_dual_encoder import TorchDualEncoder, clip_loss
 
     torch.manual_seed(0)
-    net = TorchDualEncoder(model)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
+    net = TorchDualEncoder(model).to(device)
+    fused = device == "cuda"
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1, fused=fused)
+    forward = torch.compile(net) if compile else net
     data = _batch(model, batch)
-    images = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
-    tokens = torch.from_numpy(data["text"]).long()
+    images = torch.from_numpy(data["image"]).to(device).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+    tokens = torch.from_numpy(data["text"]).long().to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
-    def step() -> None:
-        zimg, ztxt, scale = net(images, tokens)
-        loss = clip_loss(zimg, ztxt, scale)
+    def step() -> torch.Tensor:
+        with autocast:
+            zimg, ztxt, scale = forward(images, tokens)
+        loss = clip_loss(zimg.float(), ztxt.float(), scale)  # in float32, as jaxmr's loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
+        return loss
 
-    for _ in range(2):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    step()
+    sync()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
         step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - start)
+        loss = step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    return {"batch": batch, "examples_per_s": batch / seconds, "step_ms": 1e3 * seconds, "compile_s": compile_s,
+            "compiled": compile, "fused_adamw": fused, "loss": float(loss),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}  # fmt: skip
+
+
+def torch_rate(model: ModelConfig, batch: int, steps: int) -> float:
+    return torch_steps(model, batch, steps)["examples_per_s"]
 
 
 def main() -> None:

@@ -247,7 +247,11 @@ def _numeric(current: Any, value: Any) -> bool:
 
 
 # The recipe configs (configs/ in a checkout) as installed inside the package; found without importing them.
-PACKAGED_CONFIGS = Path(importlib.util.find_spec("jaxmr.configs").origin).parent
+# A checkout on the path without an install (PYTHONPATH=., as on the accelerator machine) has them beside jaxmr/.
+_configs_spec = importlib.util.find_spec("jaxmr.configs")
+PACKAGED_CONFIGS = (
+    Path(_configs_spec.origin).parent if _configs_spec else Path(__file__).resolve().parents[1] / "configs"
+)
 
 
 def load_config_file(spec: str) -> TrainConfig:
