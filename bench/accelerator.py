@@ -250,7 +250,16 @@ def train_jax(plan: Plan, emit: Callable[[dict], None], preset: str, batch: int 
         batch, (trainable, data, compiled, compile_s), tries = fit_batch(preset, plan, limit)
     else:
         trainable, data, compiled, compile_s = _train_setup(preset, batch, plan.depth)
-    step_s, loss = time_steps(trainable, data, compiled, plan.steps, plan.warmup)
+    try:
+        step_s, loss = time_steps(trainable, data, compiled, plan.steps, plan.warmup)
+    except Exception as error:  # the allocator's fragmentation can refuse what the compiler planned: 3/4 of it
+        if "RESOURCE_EXHAUSTED" not in str(error) or batch <= plan.batch_multiple:
+            raise
+        del trainable, data, compiled
+        batch = max(plan.batch_multiple, batch * 3 // 4 // plan.batch_multiple * plan.batch_multiple)
+        tries.append({"batch": batch, "note": f"out of memory when run: {str(error)[:160]}"})
+        trainable, data, compiled, compile_s = _train_setup(preset, batch, plan.depth)
+        step_s, loss = time_steps(trainable, data, compiled, plan.steps, plan.warmup)
     flops = step_flops(compiled)
     device = _device()
     peak = peak_flops(device.device_kind)
