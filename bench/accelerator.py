@@ -200,10 +200,10 @@ def bench_model(preset: str, depth: int | None = None):
     return model
 
 
-def _train_setup(preset: str, batch: int, depth: int | None = None):
+def _train_setup(preset: str, batch: int, depth: int | None = None, devices=None):
     from bench.train_throughput import compile_step
 
-    return compile_step(bench_model(preset, depth), batch)
+    return compile_step(bench_model(preset, depth), batch, devices)
 
 
 def fit_batch(preset: str, plan: Plan, limit: float) -> tuple[int, tuple, list[dict]]:
@@ -471,8 +471,20 @@ def serve(plan: Plan, emit: Callable[[dict], None], workdir: str | None = None) 
 
 def tests(plan: Plan, emit: Callable[[dict], None]) -> None:
     """The gpu_only tests; on a CPU they are skipped, which the record says."""
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu_only",
-                             "tests/test_accelerator.py"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    # tests/conftest.py pins JAX to the CPU unless JAX_PLATFORMS is set: "" lets JAX take the accelerator
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""))
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "gpu_only",
+        "tests/test_accelerator.py",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = (result.stdout + result.stderr).strip().splitlines()
     summary = lines[-1] if lines else ""
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error")}

@@ -35,12 +35,13 @@ def _batch(model: ModelConfig, batch: int, seed: int = 0) -> dict[str, np.ndarra
             "index": np.arange(batch, dtype=np.int32)}  # fmt: skip
 
 
-def compile_step(model: ModelConfig, batch: int):
+def compile_step(model: ModelConfig, batch: int, devices=None):
     """(trainable, batch on the device, the compiled train step, compile seconds) for `model` at `batch` on one
-    device, AdamW as a training run has it; the compiled step takes (state, batch) and donates the state."""
+    device (the first of `devices`, default JAX's), AdamW as a training run has it; the compiled step takes
+    (state, batch) and donates the state."""
     config = TrainConfig(model=model, data=DataConfig(image_size=model.image.image_size, max_len=model.text.max_len),
                          batch_size=batch, mesh=(("data", 1),), steps=1000)  # fmt: skip
-    trainable = build(config, make_mesh(config.mesh))
+    trainable = build(config, make_mesh(config.mesh, devices=devices))
     data = {k: jax.device_put(v, trainable.batch_sharding) for k, v in _batch(model, batch).items()}
     start = time.perf_counter()
     compiled = trainable.step.lower(trainable.abstract_state(), data).compile()

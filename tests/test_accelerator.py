@@ -44,6 +44,7 @@ def test_train_step_in_bf16_on_the_device_learns_and_matches_the_host():
     from bench.accelerator import _train_setup
 
     trainable, data, compiled, _ = _train_setup("tiny", 64)
+    assert data["image"].devices() == {jax.devices()[0]}  # the accelerator, where there is one
     state = trainable.init()
     losses = []
     for _ in range(15):
@@ -51,10 +52,9 @@ def test_train_step_in_bf16_on_the_device_learns_and_matches_the_host():
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]  # a fixed batch is memorised
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # bf16 compute, float32 parameters
-    host = jax.devices("cpu")[0]
-    with jax.default_device(host):
-        cpu_trainable, cpu_data, cpu_compiled, _ = _train_setup("tiny", 64)
-        _, cpu_metrics = cpu_compiled(cpu_trainable.init(), cpu_data)
+    cpu_trainable, cpu_data, cpu_compiled, _ = _train_setup("tiny", 64, devices=jax.devices("cpu")[:1])
+    assert cpu_data["image"].devices() == {jax.devices("cpu")[0]}
+    _, cpu_metrics = cpu_compiled(cpu_trainable.init(), cpu_data)
     first = trainable.init()
     _, device_metrics = compiled(first, data)
     # bf16 activations round at 2^-8 relative; the loss of ~ln(64) agrees to a few of those
