@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,8 @@ def test_demo_builds_everything_then_reuses_it(tmp_path, capsys, monkeypatch):
     assert f"with the photo model {tmp_path / 'shapes_tiny'}" in out and f"reusing the index in {index}" in out
 
 
-def test_demo_serves_until_ctrl_c(tmp_path):
+def test_demo_serves_until_ctrl_c(tmp_path, smoke_run):
+    shutil.copytree(smoke_run, tmp_path / "shapes_tiny")  # the same smoke config, trained once per session
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,5 +75,6 @@ def test_demo_serves_until_ctrl_c(tmp_path):
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert f"open http://127.0.0.1:{port}" in output and "a small white diamond" in output
+    assert "reusing the finished run" in output  # training itself is the first test's (and smoke_run's) part
     assert "Traceback" not in output
     assert json.loads((tmp_path / "shapes_tiny" / "config.json").read_text())["steps"] == 6
