@@ -662,6 +662,9 @@ def write(sections: dict, plan: Plan, out_dir: Path, quick: bool, budget: float,
             md.append(f"### {title}\n")
             md.append((markdown_table(rows, columns) + "\n") if rows else "")
             md.extend(e + "\n" for e in errors)
+    versions = next((r.get("versions") for r in sections.get("probe", {}).get("records", [])), None)
+    if versions:
+        md.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
     md += [f"![{p.stem}]({p.name})\n" for p in plots]
     stem.with_suffix(".md").write_text("\n".join(md))
     if out_dir == RESULTS and not quick:

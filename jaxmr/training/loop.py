@@ -16,12 +16,14 @@ from jaxmr import distributed
 from jaxmr.config import DataConfig, TrainConfig, claim_workdir
 from jaxmr.data import DataError, Source, caption_table, parse_source
 from jaxmr.data.train_batches import PipelineConfig, train_iterator
+from jaxmr.models import model_graph
 from jaxmr.sharding import batch_axes, make_mesh
 from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
 from jaxmr.training.checkpoints import Checkpoints, MetricsWriter, StepTimer
 from jaxmr.training.evaluators import RunEvaluation, TrainEmbedder
-from jaxmr.training.lit import cached_training
+from jaxmr.training.lit import cached_training, check_towers_frozen
 from jaxmr.training.step import build, init_state
+from jaxmr.tree import param_paths
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class _Stop:
 def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = None, progress: bool = True) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics (empty if none ran)."""
 
+    if config.cached_features:  # a config error: said before the workdir is claimed and the towers' weights load
+        check_towers_frozen(config, jax.tree.leaves(param_paths(model_graph(config.model)[1])))
     workdir = claim_workdir(config, workdir, write=distributed.is_primary())
     mesh = make_mesh(config.mesh)
     source = parse_source(config.data.source, config.data.train_split)

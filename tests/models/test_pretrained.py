@@ -252,6 +252,7 @@ def test_lit_cached_features_refuse_trainable_towers(tsv_folder, tmp_path):
     config = lit_config(tsv_folder, optim=OptimConfig(freeze=("image_tower/.*",)))
     with pytest.raises(ValueError, match=r"cached_features needs frozen towers.*text_tower/"):
         train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the workdir is claimed (or any weights load)
 
 
 def test_feature_batches_are_deterministic_and_cover_each_image_once_per_epoch():
