@@ -83,6 +83,8 @@ def test_jax_search_from_a_device_array_and_with_approximate_blocks():
     assert np.all(np.diff(scores, axis=1) <= 0)  # merged exactly: best first
     with pytest.raises(ValueError, match="recall_target"):
         JaxExactSearch(database, recall_target=1.0)
+    rows, scores = JaxExactSearch(database, "bfloat16", max_scores=50 * 700, score_dtype="bfloat16")(queries, k=10)
+    assert scores.dtype == np.float32 and recall(rows, expected_rows) >= 0.9  # bf16 scores: near-ties may swap
 
 
 def test_auto_config_follows_scann_advice():
