@@ -47,7 +47,8 @@ bench-input: install
 
 # The accelerator suite (bench/accelerator.py) on the GPU machine, with that machine's python3 and packages, not
 # .venv: `make accel-wheels` here first (the wheels its image lacks, into .whl/), carry .whl there, then
-# `make bench-accel` (ARGS="--only train,search" and the like pass through; ARGS=--quick dry-runs it anywhere).
+# `make bench-accel` (ARGS="--only train,search" and the like pass through). Here, with the tiny sizes:
+# `make bench-accel PYTHON=.venv/bin/python ARGS=--quick`.
 bench-accel:
 	PYTHON=$(PYTHON) bash bench/accelerator.sh $(ARGS)
 

@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${JAXMR_ACCEL_SITE:-/tmp/jaxmr-accel-site}
-if compgen -G ".whl/*.whl" >/dev/null; then
+if "$PYTHON" -c "import scann, grain, litestar, uvicorn, tensorboardX" 2>/dev/null; then
+  :  # this Python has jaxmr's dependencies already (a .venv): nothing to install
+elif compgen -G ".whl/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "note: no wheels in .whl/ (make accel-wheels downloads them): using the packages this Python has" >&2
+  echo "note: no wheels in .whl/ (make accel-wheels downloads them) and $PYTHON lacks jaxmr's dependencies" >&2
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 exec "$PYTHON" -m bench.accelerator "$@"
