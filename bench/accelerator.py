@@ -66,6 +66,7 @@ class Plan:
     search_dim: int = 256
     search_queries: int = 1000
     scann_up_to: int = 1_000_000
+    search_levers: bool = True  # bf16 scores and larger chunks beside the default, at the first size
     timing_s: float = 1.5  # per timing loop
     loss_sizes: tuple[int, ...] = (16384, 32768, 65536, 131072, 262144)
     loss_dim: int = 256
@@ -80,9 +81,9 @@ class Plan:
 QUICK = Plan(
     presets=("tiny",),
     depth=1,
-    fit_probe_batch=8,
+    fit_probe_batch=16,  # = max_batch: one compile (the fit's step-down has its own test, without compiling)
     batch_multiple=8,
-    max_batch=32,
+    max_batch=16,
     memory_limit=2 * GIB,
     steps=2,
     warmup=1,
@@ -90,6 +91,7 @@ QUICK = Plan(
     search_dim=32,
     search_queries=50,
     scann_up_to=3000,
+    search_levers=False,  # a CPU's bf16 top-k takes half a second a batch: nothing to learn here
     timing_s=0.2,
     loss_sizes=(512, 1024),
     loss_dim=32,
@@ -351,7 +353,7 @@ def _search_size(plan: Plan, n: int, emit: Callable[[dict], None]) -> None:
         "approx bf16 (approx_max_k 0.95)": lambda: JaxExactSearch(database, "bfloat16", recall_target=0.95),
         "exact float32 (top_k)": lambda: exact32,
     }
-    if n == plan.search_sizes[0]:  # the levers for batched search, at the first size only
+    if plan.search_levers and n == plan.search_sizes[0]:  # the levers for batched search, at the first size
         methods["exact bf16, bf16 scores"] = lambda: JaxExactSearch(database, "bfloat16", score_dtype="bfloat16")
         methods["exact bf16, 4x larger chunks"] = lambda: JaxExactSearch(database, "bfloat16", max_scores=1 << 27)
     if n <= plan.scann_up_to:
