@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -510,20 +511,28 @@ CHILDREN: dict[str, Callable[..., None]] = {"probe": probe, "train_jax": train_j
 
 
 def run_child(name: str, params: dict, quick: bool, timeout: float, env: dict) -> dict:
-    """Runs one section in its own process; returns {records, seconds, error?}: what it emitted before it
-    finished, failed or was stopped."""
-    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as result:
+    """Runs one section in its own process group (its records stream to this output as they come); returns
+    {records, seconds, error?}: what it emitted before it finished, failed or was stopped. A section stopped at
+    its limit is stopped with everything it started (serve_load's server, grain's workers), so nothing holds the
+    device's memory or a port into the next section."""
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as result, tempfile.TemporaryFile("w+") as stderr:
         command = [sys.executable, "-m", "bench.accelerator", "--child", name, "--params", json.dumps(params),
                    "--result", result.name] + (["--quick"] if quick else [])  # fmt: skip
         start = time.perf_counter()
         error = None
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr, start_new_session=True)
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, timeout=max(timeout, 1), capture_output=True, text=True)
-            if done.returncode:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
-                error = f"exit status {done.returncode}: " + " | ".join(tail)[-800:]
+            if process.wait(timeout=max(timeout, 1)):
+                stderr.seek(0)
+                lines = stderr.read().strip().splitlines()
+                print("\n".join(lines[-40:]), flush=True)
+                error = f"exit status {process.returncode}: " + " | ".join(lines[-6:])[-800:]
         except subprocess.TimeoutExpired:
             error = f"stopped at its time limit of {timeout:.0f} s"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the section and whatever it left running
+            process.wait()
         records = [json.loads(line) for line in Path(result.name).read_text().splitlines() if line.strip()]
     section = {"records": records, "seconds": time.perf_counter() - start}
     if error:
