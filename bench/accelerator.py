@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, device_slug, machine, markdown_table, peak_flops, refresh_index
+from bench.common import RESULTS, device_slug, machine, markdown_table, peak_flops, program_bytes, refresh_index, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -141,22 +141,6 @@ def peak_memory() -> float | None:
     return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
-def program_bytes(compiled) -> float:
-    """What a compiled program holds at once: arguments + outputs + temporaries, less outputs that reuse a
-    donated argument's buffer."""
-    m = compiled.memory_analysis()
-    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
-def _timed(fn: Callable[[], object], repeats: int) -> float:
-    """Seconds per call of `fn` (which blocks on its own result), after one unmeasured call."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def probe(plan: Plan, emit: Callable[[dict], None]) -> None:
     import jax
     import jax.numpy as jnp
@@ -165,10 +149,10 @@ def probe(plan: Plan, emit: Callable[[dict], None]) -> None:
     n = 8192 if device.platform != "cpu" else 512
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     matmul = jax.jit(lambda x: x @ x)
-    seconds = _timed(lambda: matmul(a).block_until_ready(), 10)
+    seconds = timed(lambda: matmul(a).block_until_ready(), 10)
     big = jnp.ones((GIB // 4 if device.platform != "cpu" else 2**22,), jnp.float32)
     copy = jax.jit(lambda x: x + 1)
-    copy_s = _timed(lambda: copy(big).block_until_ready(), 10)
+    copy_s = timed(lambda: copy(big).block_until_ready(), 10)
     emit({
         "device": device.device_kind, "platform": device.platform, "devices": jax.device_count(),
         "memory_limit_gib": memory_limit(plan) / GIB, "matmul_bf16_tflops": 2 * n**3 / seconds / 1e12,
@@ -223,8 +207,9 @@ def fit_batch(preset: str, plan: Plan, limit: float) -> tuple[int, tuple, list[d
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
     fixed = state_bytes + 2 * params  # the state, its gradients and the optimizer's update
-    tries = [{"batch": b0, "program_gib": program_bytes(compiled) / GIB, "compile_s": compile_s}]
-    batch = int((0.9 * limit - fixed) / max((program_bytes(compiled) - fixed) / b0, 1.0))
+    used = program_bytes(compiled)
+    tries = [{"batch": b0, "program_gib": used / GIB, "compile_s": compile_s}]
+    batch = int((0.9 * limit - fixed) / max((used - fixed) / b0, 1.0))
     for _ in range(3):
         batch = max(plan.batch_multiple, min(plan.max_batch, batch // plan.batch_multiple * plan.batch_multiple))
         if any(t["batch"] == batch for t in tries):
@@ -385,40 +370,26 @@ def _rows(search, queries: np.ndarray) -> np.ndarray:
 
 
 def loss(plan: Plan, emit: Callable[[dict], None]) -> None:
-    """Compiled memory of value_and_grad of each loss form on one device; timed where it fits (a form that
-    does not fit at one size is only compiled at the larger ones)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from jaxmr import losses
+    """Compiled memory of value_and_grad of each loss form on one device (`bench.loss_memory.compile_loss` on
+    a one-device mesh, where the ring form scores 256-column tiles); timed where it fits (a form that does not
+    fit at one size is only compiled at the larger ones)."""
+    from bench.loss_memory import compile_loss, step_seconds  # (its 8 fake CPU devices leave a GPU as it is)
     from jaxmr.sharding import make_mesh
 
     limit = memory_limit(plan)
     mesh = make_mesh([("data", 1)])
-    sharding = NamedSharding(mesh, P("data"))
     for name in ("softmax", "sigmoid"):
-        scalars = (jnp.float32(10.0),) if name == "softmax" else (jnp.float32(10.0), jnp.float32(-10.0))
         for form in ("naive", "ring"):
             fits = True
-            fn = losses.LOSSES[name] if form == "naive" else losses.sharded_loss(name, mesh, form="ring")
-            grad = jax.jit(jax.value_and_grad(lambda *a, fn=fn: fn(*a)[0], tuple(range(2 + len(scalars)))))
             for size in plan.loss_sizes:
                 record = {"loss": name, "form": form, "global_batch": size, "dim": plan.loss_dim}
-                spec = jax.ShapeDtypeStruct((size, plan.loss_dim), jnp.float32, sharding=sharding)
                 try:
-                    compiled = grad.lower(spec, spec, *scalars).compile()
-                    record["program_gib"] = program_bytes(compiled) / GIB
-                    fits = fits and program_bytes(compiled) <= 0.95 * limit
+                    compiled, sharding, scalars, used, _ = compile_loss(name, form, mesh, size, plan.loss_dim)
+                    record["program_gib"] = used / GIB
+                    fits = fits and used <= 0.95 * limit
                     if fits:
-                        k1, k2 = jax.random.split(jax.random.key(size))
-                        x = jax.device_put(jax.random.normal(k1, (size, plan.loss_dim)), sharding)
-                        y = jax.device_put(jax.random.normal(k2, (size, plan.loss_dim)), sharding)
-                        run = functools.partial(compiled, x, y, *scalars)
-                        seconds = _timed(lambda run=run: jax.block_until_ready(run()), 2)
+                        seconds = step_seconds(compiled, sharding, scalars, size, plan.loss_dim, 2)
                         record["step_ms"] = 1e3 * seconds
-                        del x, y
                 except Exception as error:  # XLA's RESOURCE_EXHAUSTED at compile or run time: does not fit
                     fits = False
                     record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
@@ -494,10 +465,10 @@ def tests(plan: Plan, emit: Callable[[dict], None]) -> None:
     lines = (result.stdout + result.stderr).strip().splitlines()
     summary = lines[-1] if lines else ""
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error")}
-    for part in summary.strip("= ").split(","):
+    for part in summary.strip("= ").split(","):  # "1 failed, 4 passed, 2 errors in 3.1s"
         words = part.split()
         if len(words) >= 2 and words[0].isdigit():
-            counts[words[1].rstrip("s") if words[1] != "passed" else "passed"] = int(words[0])
+            counts["error" if words[1].startswith("error") else words[1]] = int(words[0])
     emit({"returncode": result.returncode, **counts, "summary": summary,
           "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20]})  # fmt: skip
 

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import socket
+import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +22,22 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 def peak_flops(device_kind: str) -> float | None:
     """The datasheet's dense bf16 peak of a device kind such as "NVIDIA H200", or None when unknown."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
+
+
+def program_bytes(compiled) -> float:
+    """What a compiled XLA program holds at once per device: arguments + outputs + temporaries, less outputs
+    that reuse a donated argument's buffer (`memory_analysis()`; needs no run)."""
+    m = compiled.memory_analysis()
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of `fn` (which blocks on its own result), after one unmeasured call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
 
 
 def device_slug(device_kind: str, platform_name: str) -> str:

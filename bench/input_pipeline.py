@@ -70,11 +70,10 @@ def main() -> None:
     args = parser.parse_args()
     batches = 3 if args.quick else args.batches
     cases = [(f"shapes:n={1000 if args.quick else 10000},size=64", "train", 64, (1.0, 1.0))]  # quick: renders 1k
-    if args.quick:  # the 224 px JPEG path's smoke test is the accelerator suite's dry run (its `input` section)
-        pass
-    elif (FLICKR8K / "captions.tsv").exists():
+    # quick: the 224 px JPEG path's smoke test is the accelerator suite's dry run (its `input` section)
+    if not args.quick and (FLICKR8K / "captions.tsv").exists():
         cases.append((f"captions:{FLICKR8K}", "train", 224, (0.5, 1.0)))
-    else:
+    elif not args.quick:
         print(f"Flickr8k not found at {FLICKR8K}: measuring shapes only")
     records = [shapes_generation(500 if args.quick else 10_000)]
     print(records[0])

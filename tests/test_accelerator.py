@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.search_latency import recall_at_k
+
 from conftest import assert_close_in_norm
 
 pytestmark = [
@@ -16,10 +18,6 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() == "cpu" and not os.environ.get("JAXMR_GPU_TESTS_ON_CPU"),
                        reason="needs an accelerator (JAXMR_GPU_TESTS_ON_CPU=1 runs these on a CPU)"),
 ]  # fmt: skip
-
-
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([np.isin(t, f).mean() for f, t in zip(found, truth, strict=True)]))
 
 
 def test_device_search_bf16_keeps_recall_and_float32_is_exact():
@@ -30,14 +28,14 @@ def test_device_search_bf16_keeps_recall_and_float32_is_exact():
     queries, host = np.asarray(text[:100]), np.asarray(database)
     truth_rows, truth_scores = exact_search(host, queries, 10)  # numpy, float32 BLAS on the host
     rows, scores = JaxExactSearch(database, "float32")(queries, 10)
-    assert _recall(rows, truth_rows) >= 0.999  # exact up to ties: HIGHEST precision, not TF32
+    assert recall_at_k(rows, truth_rows) >= 0.999  # exact up to ties: HIGHEST precision, not TF32
     np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
     for batch in (1, 1024):  # one pass over the rows, and the chunked scan
         pool = np.resize(queries, (batch, 256))
         bf16_rows, _ = JaxExactSearch(database, "bfloat16")(pool, 10)
-        assert _recall(bf16_rows, exact_search(host, pool, 10)[0]) >= 0.99
+        assert recall_at_k(bf16_rows, exact_search(host, pool, 10)[0]) >= 0.99
     approx_rows, _ = JaxExactSearch(database, "bfloat16", recall_target=0.95)(queries, 10)
-    assert _recall(approx_rows, truth_rows) >= 0.95
+    assert recall_at_k(approx_rows, truth_rows) >= 0.95
 
 
 def test_train_step_in_bf16_on_the_device_learns_and_matches_the_host():
