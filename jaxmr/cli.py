@@ -208,9 +208,25 @@ def _index_verify(args: argparse.Namespace) -> None:
     from jaxmr.index.store import verify_index
 
     m = verify_index(args.index)
-    captions = m["captions"]["count"] if m.get("captions") else 0
-    print(f"{args.index}: version {m['version']} is sound: {m['images']['count']} images, {captions} captions; "
-          "sizes, checksums, counts and ids checked, the searchers load")  # fmt: skip
+    live = m["live"]
+    captions = live["captions"]["count"] if live["captions"] else 0
+    print(f"{args.index}: version {m['version']} and {live['log_writes']} logged writes are sound: "
+          f"{live['images']['count']} images, {captions} captions; sizes, checksums, counts, the log's records "
+          "and ids checked, the searchers load")  # fmt: skip
+
+
+def _index_compact(args: argparse.Namespace) -> None:
+    from jaxmr.index.store import Searcher
+
+    searcher = Searcher(args.index, load_encoder=False)
+    done = searcher.compact()
+    if done is None:
+        print(f"{args.index}: nothing to compact (version {searcher.version}, no writes logged over it)")
+        return
+    images = done["images"]
+    print(f"{args.index}: version {done['from_version']} + {done['folded_writes']} logged writes -> version "
+          f"{done['version']}: {images['count']} images ({images['delta']} added, {images['tombstones']} deleted "
+          f"folded in), {done['carried_writes']} made meanwhile carried over; {done['seconds']:.1f} s")  # fmt: skip
 
 
 def _index_search(args: argparse.Namespace) -> None:
@@ -348,12 +364,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="ScaNN setting, e.g. method=tree_ah, leaves_to_search=64, reorder=256")  # fmt: skip
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(build)
-    info_index = add("info", _index_info, "print an index's manifest (after the cheap checks of verify)",
+    info_index = add("info", _index_info, "print an index's manifest, live counts (base, delta, tombstones) and "
+                     "log size (after the cheap checks of verify)",
                      index_commands)  # fmt: skip
     info_index.add_argument("index", help="index directory")
     verify = add("verify", _index_verify, "check an index: file sizes and checksums, counts, unique ids, that the "
                  "searchers load; exit 2 naming the first problem", index_commands)  # fmt: skip
     verify.add_argument("index", help="index directory")
+    compact = add("compact", _index_compact, "fold an index's logged adds and deletes into a new base version "
+                  "(searches and writes go on meanwhile)", index_commands)  # fmt: skip
+    compact.add_argument("index", help="index directory")
     search = add("search", _index_search, "search an index with a text query", index_commands)
     search.add_argument("index", help="index directory")
     search.add_argument("query", help="the text to search for")

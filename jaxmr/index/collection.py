@@ -20,7 +20,6 @@ from jaxmr.index.ann import AnnConfig, InvalidIndexError, build_scann, exact_sea
 # A tree whose calibration needs more than this share of its leaves (or misses the target with all of them)
 # is replaced by AH over every vector: searching nearly every leaf costs more than no tree.
 TREE_USEFUL_SHARE = 0.5
-MAX_TOMBSTONES = 1024  # SOAR trees: deleted vectors left in the searcher (and filtered out) before a rebuild
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +30,9 @@ log = logging.getLogger(__name__)
 class Collection:
     """One modality's vectors: ids (int64 [N]), embeddings ([N, E]), metadata rows, and the searcher.
 
-    The searcher may hold more vectors than the arrays: on a SOAR tree a delete leaves a tombstone (ScaNN 1.4's
-    delete crashes the process on such trees), which searches skip; `tombstones` counts them.
+    A collection never changes once made: writes over it live in `jaxmr.index.live`. The searcher of an index
+    saved before that may hold more vectors than the arrays (tombstones of deletes on a SOAR tree, whose ScaNN 1.4
+    delete crashes the process), which searches skip; `tombstones` counts them.
     """
 
     def __init__(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig, scann=None):
@@ -143,10 +143,11 @@ class Collection:
             return self.ids[rows], scores
         return self._search_ann(queries, min(k, len(self.ids)), self.ann.leaves_to_search or None)
 
-    def _search_ann(self, queries: np.ndarray, k: int, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
-        dead = self.tombstones
-        fetch = k + dead  # every tombstone could be among the best k
+    def scann_search(self, queries: np.ndarray, fetch: int, leaves: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The searcher's answer as it is: (ids int64 [Q, <= fetch], scores float32), tombstones and all.
+        `leaves` 0: the collection's own leaves_to_search."""
         pre = max(fetch, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
+        leaves = (self.ann.leaves_to_search or None) if leaves == 0 else leaves
         # Spread over the cores: 1.6x the throughput of `search_batched` at 1,024 queries on 2 cores, the same
         # for one query.
         per_thread = min(256, max(1, -(-len(queries) // (os.cpu_count() or 1))))
@@ -155,7 +156,11 @@ class Collection:
             batch_size=per_thread,
         )  # fmt: skip
         ids = np.asarray(ids, np.int64).reshape(len(queries), -1)
-        scores = np.asarray(scores, np.float32).reshape(ids.shape)
+        return ids, np.asarray(scores, np.float32).reshape(ids.shape)
+
+    def _search_ann(self, queries: np.ndarray, k: int, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
+        dead = self.tombstones
+        ids, scores = self.scann_search(queries, k + dead, leaves)  # every tombstone could be among the best k
         if dead == 0 or ids.size == 0:
             return ids, scores
         live = (self.rows_of(ids) >= 0).reshape(ids.shape)
@@ -175,43 +180,6 @@ class Collection:
         if (rows < 0).any():
             raise KeyError(f"unknown id {int(np.asarray(ids)[rows < 0][0])}")
         return np.asarray(self.embeddings[rows], np.float32)
-
-    def added(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table) -> Collection:
-        """A new collection with these rows (new ids only) added (ScaNN upsert: no rebuild)."""
-        if len(ids) == 0:
-            return self
-        embeddings = embeddings.astype(self.embeddings.dtype)
-        scann = self.scann
-        if scann is not None:
-            scann.upsert([int(i) for i in ids], np.ascontiguousarray(embeddings, np.float32), batch_size=256)
-        return Collection(
-            np.concatenate([self.ids, ids]),
-            np.concatenate([self.embeddings, embeddings]),
-            pa.concat_tables([self.meta, meta.cast(self.meta.schema)]),
-            self.ann,
-            scann,
-        )
-
-    def removed(self, ids: Sequence[int]) -> Collection:
-        """A new collection without these ids (unknown ids are ignored).
-
-        ScaNN deletes in place, except on a SOAR tree, where its delete crashes the process (ScaNN 1.4): there
-        the vectors stay in the searcher as tombstones until more than MAX_TOMBSTONES pile up, and then the
-        searcher is rebuilt from the remaining vectors with the same settings (seconds per 100k vectors)."""
-        rows = self.rows_of(ids)
-        if not (rows >= 0).any():
-            return self
-        keep = np.ones(len(self.ids), bool)
-        keep[rows[rows >= 0]] = False
-        out = Collection(self.ids[keep], self.embeddings[keep], self.meta.filter(pa.array(keep)), self.ann, self.scann)
-        if self.scann is None:
-            return out
-        if not (self.ann.method == "tree_ah" and self.ann.soar_lambda > 0):
-            self.scann.delete([int(i) for i in self.ids[~keep]])
-        elif out.tombstones > MAX_TOMBSTONES:
-            log.info("rebuilding the searcher without %d deleted vectors", out.tombstones)
-            out.scann = build_scann(out.embeddings, out.ids, self.ann)
-        return out
 
     def save(self, directory: Path) -> dict[str, dict[str, Any]]:
         """Writes the collection into `directory` (new); returns its files' sizes and checksums (`file_records`),

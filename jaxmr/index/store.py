@@ -1,19 +1,28 @@
-"""The versioned index on disk: versions committed atomically, one writer lock, and the `Searcher` that reads them.
+"""The versioned index on disk: a committed base, a write-ahead log of the writes over it, one writer lock,
+compaction, and the `Searcher` that reads them.
 
 An index directory:
 
     model/              the exported encoders (`jaxmr.export`), so serving needs no training run
-    current -> v000003  the live version, replaced atomically (a symlink swap) by every change
+    current -> v000003  the live base version, replaced atomically (a symlink swap) by a build or a compaction
     v000003/
         manifest.json   model fingerprint, training config, counts, ScaNN parameters, source, times, version
         images/         embeddings.npy (float16 | float32 [N, E]), ids.npy (int64 [N]), meta.parquet, scann/
         captions/       the same for captions, when the source has them (meta: id, image_id, text)
+    v000003.log         the writes over v000003 (`jaxmr.index.wal`): each add and delete since, one checksummed
+                        record each, fsynced before the write is acknowledged
     files/              image files the index owns (rendered, decoded from a dataset or uploaded), by id
     .build/             embedded chunks of an unfinished build: the next `build_index` resumes from them
-    .lock               held by the writer (build, add, delete); readers never take it
+    .lock               held by the writer (build, add, delete, a compaction's swap); readers never take it
+    .compact.lock       held while a compaction runs (one at a time)
 
-Versions are immutable once renamed into place, so any number of readers can load one while a single writer
-prepares the next; the two previous versions are kept for readers still loading them.
+A write costs what it changes: an add appends its vectors, ids and metadata rows to the log, a delete its ids;
+a reader replays the log over the base (`jaxmr.index.live`: added vectors go into the base's searcher in
+memory, deletes are tombstones). Compaction folds the log into a new base with the same ANN settings while
+searches and writes go on, then, under the writer lock, starts the new base's log with the writes that arrived
+meanwhile and swaps `current`. Versions are immutable once renamed into place, so any number of readers can load
+one while a writer prepares the next; the two previous versions (and their logs) are kept for readers still
+loading them.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +54,17 @@ from jaxmr.encoder import Encoder
 from jaxmr.export import ModelMismatchError
 from jaxmr.index.ann import AnnConfig, InvalidIndexError
 from jaxmr.index.collection import Collection, check_files
+from jaxmr.index.live import LiveCollection
+from jaxmr.index.wal import START, Entry, WriteAheadLog, write_log
 
 INDEX_FORMAT = 1
 KEEP_VERSIONS = 3
 TARGETS = ("images", "captions")
+# Compaction is due when the writes over the base (added rows + tombstones) reach this share of it, and at
+# least COMPACT_MIN: replaying them costs start-up time (the searcher takes ~6,000 upserts/s at 1M x 256) and
+# tombstones make every search fetch deeper.
+COMPACT_SHARE = 0.1
+COMPACT_MIN = 1000
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +93,31 @@ def _writer_lock(path: Path, clean: bool = True) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _compaction_lock(path: Path) -> Iterator[None]:
+    """One compaction at a time across processes (INDEX_DIR/.compact.lock); a second one waits for the first."""
+    with open(path / ".compact.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compaction_running(path: Path) -> bool:
+    """Whether some process (this one included) holds the compaction lock."""
+    lock = path / ".compact.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def current_version(path: Path) -> Path | None:
     """The version directory `current` points at; None when there is no `current` link. A link that is not
     one of this index's version names (a loop, a path elsewhere) is refused: versions live side by side."""
@@ -90,34 +132,45 @@ def current_version(path: Path) -> Path | None:
     return Path(path) / target
 
 
+def log_path(version: Path) -> Path:
+    """The write-ahead log over a version directory (beside it: the version itself never changes)."""
+    return version.with_name(f"{version.name}.log")
+
+
 def _version_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if re.fullmatch(r"v\d{6}", p.name) and p.is_dir())
 
 
 def _clean(path: Path) -> list[str]:
     """What killed writers left behind, removed by the next writer (which holds the lock, so nothing here is
-    in progress): half-written version folders (.vNNNNNN.*), link files of a swap (.current.PID), and files/
-    that no version on disk references (an upload killed before its commit). Returns what went."""
+    in progress): half-written version folders (.vNNNNNN.*) and logs (.vNNNNNN.log.*), versions and logs past
+    `current` (a compaction killed before its swap), link files of a swap (.current.PID), and files/ that no
+    version's live rows reference (an upload killed before its log record, a delete before its unlink).
+    While a compaction runs, its version in the making is left alone. Returns what went."""
     removed = []
+    compacting = _compaction_running(path)
+    try:
+        live = current_version(path)
+    except InvalidIndexError:
+        live = None
     for p in path.iterdir():
-        if re.fullmatch(r"\.v\d{6}\..+", p.name) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+        if compacting:
+            pass
+        elif re.fullmatch(r"\.v\d{6}\..+", p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p.name)
-        elif re.fullmatch(r"\.current\.\d+", p.name) and p.is_symlink():
+        elif live is not None and re.fullmatch(r"v\d{6}(\.log)?", p.name) and p.name[:7] > live.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+        if re.fullmatch(r"\.current\.\d+", p.name) and p.is_symlink():
             p.unlink(missing_ok=True)
             removed.append(p.name)
     files = path / "files"
     if files.is_dir() and not (path / ".build").exists():  # an unfinished build's chunks own files of no version
-        referenced: set[str] | None = set()
-        for version in _version_dirs(path):
-            try:
-                referenced.update(
-                    pq.read_table(version / "images" / "meta.parquet", columns=["path"])["path"].to_pylist()
-                )
-            except (OSError, pa.ArrowException, KeyError) as e:  # cannot tell what is referenced: delete nothing
-                log.warning("%s: not removing unreferenced files, %s is unreadable: %s", path, version.name, e)
-                referenced = None
-                break
+        referenced = referenced_files(path)
         for f in files.iterdir() if referenced is not None else ():
             if f"files/{f.name}" not in referenced and f.is_file():
                 f.unlink(missing_ok=True)
@@ -127,18 +180,50 @@ def _clean(path: Path) -> list[str]:
     return removed
 
 
-def _commit(path: Path, manifest: dict, collections: dict[str, Collection | None]) -> Path:
-    """Writes a new version directory, then points `current` at it (rename of a symlink: atomic). Each
-    collection's files (sizes, checksums) go into the manifest."""
-    number = int(manifest["version"])
-    name = f"v{number:06d}"
+def referenced_files(path: str | os.PathLike) -> set[str] | None:
+    """The image paths of every version's live rows (its base's, less its log's deletes, plus its log's adds);
+    None when a version or log cannot be read (then nothing can be called unreferenced)."""
+    referenced: set[str] = set()
+    for version in _version_dirs(Path(path)):
+        try:
+            table = pq.read_table(version / "images" / "meta.parquet", columns=["id", "path"])
+            paths = dict(zip(table["id"].to_pylist(), table["path"].to_pylist(), strict=True))
+            if log_path(version).exists():
+                for entry in WriteAheadLog(log_path(version), int(version.name[1:]), create=False).entries():
+                    if entry.op == "add":
+                        paths.update((row["id"], row["path"]) for row in entry.meta["images"])
+                    elif entry.op == "delete":
+                        for i in entry.arrays["image_ids"].tolist():
+                            paths.pop(i, None)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:  # cannot tell what is referenced
+            log.warning("%s: not removing unreferenced files, %s is unreadable: %s", path, version.name, e)
+            return None
+        referenced.update(p for p in paths.values() if p)
+    return referenced
+
+
+def _stage(path: Path, manifest: dict, collections: dict[str, Collection | None]) -> Path:
+    """Writes a version directory under a temporary name (.vNNNNNN.*); each collection's files (sizes,
+    checksums) go into the manifest. `_publish` puts it in place."""
+    name = f"v{int(manifest['version']):06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path))
     try:
         for target, collection in collections.items():
             if collection is not None:
                 manifest[target] = dict(manifest[target], files=collection.save(tmp / target))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        final = path / name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _publish(path: Path, tmp: Path, manifest: dict) -> Path:
+    """Renames a staged version into place, then points `current` at it (rename of a symlink: atomic), and
+    prunes versions (with their logs) older than the last KEEP_VERSIONS."""
+    name = f"v{int(manifest['version']):06d}"
+    final = path / name
+    try:
         if final.exists():  # left by a writer that died between rename and link swap
             shutil.rmtree(final)
         tmp.rename(final)
@@ -152,7 +237,13 @@ def _commit(path: Path, manifest: dict, collections: dict[str, Collection | None
     versions = _version_dirs(path)
     for old in versions[:-KEEP_VERSIONS]:
         shutil.rmtree(old, ignore_errors=True)
+        log_path(old).unlink(missing_ok=True)
     return final
+
+
+def _commit(path: Path, manifest: dict, collections: dict[str, Collection | None]) -> Path:
+    """Writes a new version directory and points `current` at it (`_stage`, then `_publish`)."""
+    return _publish(path, _stage(path, manifest, collections), manifest)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -209,20 +300,79 @@ def _load_collection(version: Path, manifest: dict[str, Any], target: str) -> Co
     return collection
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _State:
+    """One consistent view of the index: a base version, both targets as searches see them, and how far into
+    the base's log they go."""
+
     version: Path
-    manifest: dict[str, Any]
-    images: Collection
-    captions: Collection | None
+    manifest: dict[str, Any]  # the base version's, as on disk
+    images: LiveCollection
+    captions: LiveCollection | None
+    log: WriteAheadLog | None  # the base's log, once it has one
+    log_end: int  # bytes of the log applied
+    seq: int  # the sequence number of the next write (the index's writes so far)
+    next_image_id: int
+    next_caption_id: int
+
+
+def _base_state(version: Path, manifest: dict[str, Any], images: Collection, captions: Collection | None) -> _State:
+    return _State(version, manifest, LiveCollection.over(images), LiveCollection.over(captions) if captions else None,
+                  None, START, int(manifest.get("seq", 0)), int(manifest["next_image_id"]),
+                  int(manifest.get("next_caption_id", 0)))  # fmt: skip
+
+
+def _replay(state: _State, entries: list[Entry], end: int) -> _State:
+    """`state` with logged writes applied: adds append to the delta, deletes become tombstones (after the adds of
+    the same batch: an id is only ever deleted after it was added, and never reused)."""
+    if not entries:
+        return dataclasses.replace(state, log_end=end)
+    where = state.log.path if state.log is not None else state.version
+    added: dict[str, list] = {"images": [], "captions": []}
+    deleted: dict[str, list] = {"images": [], "captions": []}
+    for entry in entries:
+        if entry.op not in ("add", "delete"):
+            raise InvalidIndexError(f"{where}: record {entry.seq} is a {entry.op!r}, not an add or a delete")
+        for target in TARGETS:
+            ids = entry.arrays.get(f"{target[:-1]}_ids")
+            if ids is None or len(ids) == 0:
+                continue
+            if entry.op == "add":
+                added[target].append((ids, entry.arrays[f"{target[:-1]}_vectors"], entry.meta[target]))
+            else:
+                deleted[target].append(ids)
+    collections = {"images": state.images, "captions": state.captions}
+    for target in TARGETS:
+        live = collections[target]
+        if live is None:
+            if added[target] or deleted[target]:
+                raise InvalidIndexError(f"{where}: writes to captions in an index without captions")
+            continue
+        try:
+            if added[target]:
+                live = live.with_added(np.concatenate([a[0] for a in added[target]]),
+                                       np.concatenate([a[1] for a in added[target]]),
+                                       [row for a in added[target] for row in a[2]])  # fmt: skip
+            if deleted[target]:
+                live = live.with_deleted(np.concatenate(deleted[target]))
+        except ValueError as e:  # ids out of order, vectors of another width: not a log of this base
+            raise InvalidIndexError(f"{where}: the logged {target} do not fit the base: {e}") from None
+        collections[target] = live
+    next_ids = {t: max([int(a[0].max()) + 1 for a in added[t]], default=0) for t in TARGETS}
+    return dataclasses.replace(
+        state, images=collections["images"], captions=collections["captions"], log_end=end,
+        seq=entries[-1].seq + 1, next_image_id=max(state.next_image_id, next_ids["images"]),
+        next_caption_id=max(state.next_caption_id, next_ids["captions"]),
+    )  # fmt: skip
 
 
 class Searcher:
-    """A loaded index: batched search over images and captions, and add / delete without a rebuild.
+    """A loaded index: batched search over images and captions, add / delete that cost what they change, and
+    compaction.
 
-    Reads use a consistent snapshot (a search never sees half a change). Changes take the directory's writer
-    lock, start from the newest committed version (another process may have changed it), and commit a new
-    version atomically; `refresh()` picks up other writers' versions.
+    Reads use a consistent snapshot (a search never sees half a change). Writes take the directory's writer
+    lock, catch up with what other processes wrote (a new base, or records they appended to its log), append
+    one fsynced log record and apply it; `refresh()` picks up other writers' changes.
     """
 
     def __init__(self, path: str | os.PathLike, encoder: Encoder | None = None, load_encoder: bool = True):
@@ -247,22 +397,81 @@ class Searcher:
                 version, manifest = _current(self.path)
                 images = _load_collection(version, manifest, "images")
                 captions = _load_collection(version, manifest, "captions") if manifest.get("captions") else None
-                return _State(version, manifest, images, captions)
+                return self._read_log(_base_state(version, manifest, images, captions))
             except FileNotFoundError:
                 continue
         raise InvalidIndexError(f"{self.path}: cannot read the current version (files missing)")
+
+    def _read_log(self, state: _State) -> _State:
+        """`state` with the records its base's log holds past `state.log_end` applied (the log opened the first
+        time there is one)."""
+        log = state.log
+        if log is None:
+            path = log_path(state.version)
+            if not path.exists():
+                return state
+            log = WriteAheadLog(path, int(state.manifest["version"]), create=False)
+            state = dataclasses.replace(state, log=log)
+        elif log.path.stat().st_size <= state.log_end:
+            return state
+        entries, end = log.read(state.log_end)
+        state = _replay(state, entries, end)
+        return dataclasses.replace(state, seq=max(state.seq, log.next_seq))
+
+    def _catch_up(self) -> _State:
+        """The newest state, made this Searcher's (call with `_lock` held): a new base when `current` moved (a
+        compaction elsewhere), else this base with what other writers appended to its log."""
+        for _ in range(3):
+            try:
+                state = self._state
+                state = self._load() if current_version(self.path) != state.version else self._read_log(state)
+                break
+            except FileNotFoundError:  # the log went with its version (pruned after a compaction): read again
+                continue
+        else:
+            state = self._load()
+        self._state = state
+        return state
 
     # ---- reading
 
     @property
     def manifest(self) -> dict[str, Any]:
+        """The base version's manifest (counts as of the base: `counts()` has the live ones)."""
         return self._state.manifest
 
     @property
     def version(self) -> int:
+        """The base version (a build or a compaction makes a new one; adds and deletes do not)."""
         return int(self._state.manifest["version"])
 
-    def collection(self, target: str = "images") -> Collection:
+    @property
+    def generation(self) -> tuple[int, int]:
+        """(base version, writes so far): changes with every add, delete and compaction."""
+        state = self._state
+        return int(state.manifest["version"]), state.seq
+
+    def counts(self) -> dict[str, Any]:
+        """Live counts per target (base, delta, tombstones, count), the log's size and the writes in it."""
+        state = self._state
+        return {
+            "images": state.images.counts, "captions": state.captions.counts if state.captions else None,
+            "log_bytes": state.log_end if state.log is not None else 0,
+            "log_writes": state.seq - int(state.manifest.get("seq", 0)), "version": int(state.manifest["version"]),
+        }  # fmt: skip
+
+    def compaction_due(self, share: float = COMPACT_SHARE, minimum: int = COMPACT_MIN) -> bool:
+        """Whether the writes over the base (added rows + tombstones, either target) reach `share` of it (and
+        `minimum`)."""
+        state = self._state
+        for live in (state.images, state.captions):
+            if live is not None:
+                changed = live.n + len(live.deleted)
+                if changed >= max(minimum, share * len(live.base)):
+                    return True
+        return False
+
+    def collection(self, target: str = "images") -> LiveCollection:
         state = self._state
         if target not in TARGETS:
             raise ValueError(f"target must be 'images' or 'captions', got {target!r}")
@@ -295,13 +504,11 @@ class Searcher:
         return path if path.is_absolute() else self.path / path
 
     def refresh(self) -> bool:
-        """Loads the newest committed version if another writer made one; True when it changed."""
-        version = current_version(self.path)
-        if version == self._state.version:
-            return False
+        """Catches up with other writers (a new base, records appended to the log); True when anything changed."""
         with self._lock:
-            self._state = self._load()
-        return True
+            before = self.generation
+            self._catch_up()
+            return self.generation != before
 
     def _require_encoder(self) -> Encoder:
         if self.encoder is None:
@@ -316,26 +523,87 @@ class Searcher:
         """Embeds and adds images (pixels, encoded bytes or paths; with optional captions); returns their ids.
 
         Unreadable images raise `ImageReadError` before anything changes. Bytes and pixels are stored in the
-        index's files/ (bytes as given); paths are referenced where they are."""
+        index's files/ (bytes as given); paths are referenced where they are. Searchable, and durable, when
+        this returns."""
         encoder = self._require_encoder()
         captions = [list(c) for c in captions] if captions is not None else [[] for _ in images]
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         decoded = [load_image(image) for image in images]
-        pixels = np.stack([center_square(pil, encoder.image_size) for pil in decoded]) if decoded else None
+        if not decoded:
+            return []
+        zimg = encoder.encode_images(np.stack([center_square(pil, encoder.image_size) for pil in decoded]))
+        texts = [t for caps in captions for t in caps] if self._state.captions is not None else []
+        ztxt = encoder.encode_texts(texts) if texts else None
         with self._lock, self._writing():
-            state = self._load()
-            first = int(state.manifest["next_image_id"])
-            ids = np.arange(first, first + len(images), dtype=np.int64)
+            state = self._catch_up()
+            ids = np.arange(state.next_image_id, state.next_image_id + len(images), dtype=np.int64)
             rows: list[dict[str, Any]] = []
             try:
-                self._add(state, ids, images, decoded, pixels, captions, rows)
-            except BaseException:  # nothing committed: the files this call wrote go
+                for i, image, pil, caps in zip(ids, images, decoded, captions, strict=True):
+                    rows.append(_image_row(int(i), image, pil, caps, self.path))
+                meta: dict[str, Any] = {"images": rows}
+                arrays = {"image_ids": ids, "image_vectors": zimg.astype(state.images.base.embeddings.dtype)}
+                if ztxt is not None:
+                    c0 = state.next_caption_id
+                    cids = np.arange(c0, c0 + len(texts), dtype=np.int64)
+                    owners = [int(i) for i, caps in zip(ids, captions, strict=True) for _ in caps]
+                    meta["captions"] = [{"id": int(c), "image_id": i, "text": t}
+                                        for c, i, t in zip(cids, owners, texts, strict=True)]  # fmt: skip
+                    arrays.update(caption_ids=cids, caption_vectors=ztxt.astype(state.captions.base.embeddings.dtype))
+                self._append(state, "add", meta, arrays)
+            except BaseException:  # nothing logged: the files this call wrote go
                 for row in rows:
                     if not Path(row["path"]).is_absolute():
                         (self.path / row["path"]).unlink(missing_ok=True)
                 raise
         return [int(i) for i in ids]
+
+    def add_vectors(self, vectors: np.ndarray, rows: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Adds precomputed image vectors float32 [N, E] (unit norm, from this index's model, as `write_index`
+        takes them) with optional metadata rows (path, width, height, captions; default: no file); returns
+        their ids. Captions given here are metadata only (not embedded)."""
+        vectors = np.asarray(vectors, np.float32)
+        dim = self.manifest["model"]["embed_dim"]
+        if vectors.ndim != 2 or vectors.shape[1] != dim or not np.isfinite(vectors).all():
+            raise ValueError(f"vectors must be finite [N, {dim}], got {vectors.shape}")
+        rows = [dict(r) for r in rows] if rows is not None else [{} for _ in vectors]
+        if len(rows) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(rows)} rows")
+        fields = {"path", "width", "height", "captions"}
+        for row in rows:
+            if set(row) - fields:
+                raise ValueError(f"unknown row fields {sorted(set(row) - fields)}; rows take {sorted(fields)}")
+        if not len(vectors):
+            return []
+        with self._lock, self._writing():
+            state = self._catch_up()
+            ids = np.arange(state.next_image_id, state.next_image_id + len(vectors), dtype=np.int64)
+            meta = {"images": [{"id": int(i), "path": r.get("path"), "width": int(r.get("width", 0)),
+                                "height": int(r.get("height", 0)), "captions": [str(c) for c in r.get("captions", [])]}
+                               for i, r in zip(ids, rows, strict=True)]}  # fmt: skip
+            dtype = state.images.base.embeddings.dtype
+            self._append(state, "add", meta, {"image_ids": ids, "image_vectors": vectors.astype(dtype)})
+        return [int(i) for i in ids]
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Removes images (and their captions) by id; returns how many existed. Their owned files go too."""
+        with self._lock, self._writing():
+            state = self._catch_up()
+            ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
+            present = ids[state.images.contains(ids)]
+            if not len(present):
+                return 0
+            owned = [
+                r["path"] for r in state.images.records(present) if r["path"] and not Path(r["path"]).is_absolute()
+            ]
+            arrays = {"image_ids": present}
+            if state.captions is not None:
+                arrays["caption_ids"] = state.captions.caption_ids_of(present)
+            self._append(state, "delete", {}, arrays)
+        for relative in owned:
+            (self.path / relative).unlink(missing_ok=True)
+        return len(present)
 
     def clean(self) -> list[str]:
         """Removes what killed writers left (see `_clean`), under the writer lock: a server calls it when it opens
@@ -352,60 +620,65 @@ class Searcher:
         clean, self._cleaned = not self._cleaned, True
         return _writer_lock(self.path, clean=clean)
 
-    def _add(self, state: _State, ids: np.ndarray, images: Sequence, decoded: list, pixels: np.ndarray | None,
-             captions: list[list[str]], rows: list[dict[str, Any]]) -> None:  # fmt: skip
-        """Writes the images' files (each row appended to `rows` as its file is written), embeds, commits."""
-        encoder = self._require_encoder()
-        first = int(state.manifest["next_image_id"])
-        for i, image, pil, caps in zip(ids, images, decoded, captions, strict=True):
-            rows.append(_image_row(int(i), image, pil, caps, self.path))
-        if not rows:
-            return
-        zimg = encoder.encode_images(pixels)
-        manifest = dict(state.manifest, next_image_id=first + len(images), updated=_now())
-        images_col = state.images.added(ids, zimg, pa.Table.from_pylist(rows, schema=state.images.meta.schema))
-        captions_col = state.captions
-        texts = [(int(i), t) for i, caps in zip(ids, captions, strict=True) for t in caps]
-        if captions_col is not None and texts:
-            c0 = int(state.manifest["next_caption_id"])
-            cids = np.arange(c0, c0 + len(texts), dtype=np.int64)
-            ztxt = encoder.encode_texts([t for _, t in texts])
-            meta = pa.Table.from_pylist(
-                [{"id": int(c), "image_id": i, "text": t} for c, (i, t) in zip(cids, texts, strict=True)],
-                schema=captions_col.meta.schema,
-            )
-            captions_col = captions_col.added(cids, ztxt, meta)
-            manifest["next_caption_id"] = c0 + len(texts)
-        self._commit(state, manifest, images_col, captions_col)
+    def _append(self, state: _State, op: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Logs one write (durable when this returns) and makes the state with it this Searcher's (call with
+        both locks held, `state` caught up)."""
+        if state.log is None:  # the base's first write since it was committed
+            log_ = WriteAheadLog(log_path(state.version), int(state.manifest["version"]), first_seq=state.seq)
+            log_.read(state.log_end)
+            state = dataclasses.replace(state, log=log_, log_end=log_.size)
+        entry = state.log.append(op, meta, arrays)
+        self._state = _replay(state, [entry], state.log.size)
 
-    def delete(self, ids: Sequence[int]) -> int:
-        """Removes images (and their captions) by id; returns how many existed. Their owned files go too."""
-        with self._lock, self._writing():
-            state = self._load()
-            rows = state.images.rows_of(ids)
-            present = [int(i) for i in np.unique(np.asarray(ids, np.int64)[rows >= 0])]
-            if not present:
-                return 0
-            owned = [
-                r["path"] for r in state.images.records(present) if r["path"] and not Path(r["path"]).is_absolute()
-            ]
-            images_col = state.images.removed(present)
-            captions_col = state.captions
-            if captions_col is not None:
-                gone = np.isin(np.asarray(captions_col.meta["image_id"], np.int64), present)
-                captions_col = captions_col.removed(captions_col.ids[gone])
-            self._commit(state, dict(state.manifest, updated=_now()), images_col, captions_col)
-        for relative in owned:
-            (self.path / relative).unlink(missing_ok=True)
-        return len(present)
+    # ---- compaction
 
-    def _commit(self, state: _State, manifest: dict, images: Collection, captions: Collection | None) -> None:
-        manifest["version"] = int(state.manifest["version"]) + 1
-        manifest["images"] = dict(manifest["images"], count=len(images))
-        if captions is not None:
-            manifest["captions"] = dict(manifest["captions"], count=len(captions))
-        version = _commit(self.path, manifest, {"images": images, "captions": captions})
-        self._state = _State(version, manifest, images, captions)
+    def compact(self) -> dict[str, Any] | None:
+        """Folds the log into a new base version with the same ANN settings (ScaNN rebuilt over the live vectors)
+        and swaps it in; None when the log holds no writes. Searches and writes go on meanwhile: only the swap
+        takes the writer lock, and writes that arrived during the build start the new base's log. One compaction
+        runs at a time (a second waits). Returns what it did: versions, counts before, seconds."""
+        with _compaction_lock(self.path):
+            with self._lock, self._writing():
+                state = self._catch_up()
+            folded = state.seq - int(state.manifest.get("seq", 0))
+            if folded == 0:
+                return None
+            if len(state.images) == 0:
+                log.warning("%s: not compacting: every image is deleted (an index needs at least one)", self.path)
+                return None
+            start = time.perf_counter()
+            images = state.images.compacted()
+            captions = state.captions.compacted() if state.captions is not None and len(state.captions) else None
+            number = int(state.manifest["version"]) + 1
+            manifest = dict(state.manifest, version=number, updated=_now(), seq=state.seq,
+                            next_image_id=state.next_image_id, next_caption_id=state.next_caption_id)  # fmt: skip
+            manifest["images"] = dict(manifest["images"], count=len(images), ann=dataclasses.asdict(images.ann))
+            if manifest.get("captions"):
+                manifest["captions"] = (dict(manifest["captions"], count=len(captions), ann=dataclasses.asdict(
+                    captions.ann)) if captions is not None else None)  # fmt: skip
+            summary = {
+                "from_version": int(state.manifest["version"]), "version": number, "folded_writes": folded,
+                "images": state.images.counts, "captions": state.captions.counts if state.captions else None,
+                "log_bytes": state.log_end,
+            }  # fmt: skip
+            manifest["compacted"] = dict(summary, at=_now(), build_seconds=round(time.perf_counter() - start, 3))
+            tmp = _stage(self.path, manifest, {"images": images, "captions": captions})
+            try:
+                with self._lock, self._writing():
+                    now = self._catch_up()
+                    if now.version != state.version:
+                        raise InvalidIndexError(f"{self.path}: the base changed during the compaction")
+                    tail = now.log.read(state.log_end)[0] if now.log is not None else []
+                    final = self.path / f"v{number:06d}"
+                    write_log(log_path(final), number, tail, first_seq=state.seq)
+                    final = _publish(self.path, tmp, manifest)
+                    self._state = self._read_log(_base_state(final, manifest, images, captions))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
+        summary.update(carried_writes=len(tail), seconds=round(time.perf_counter() - start, 3))
+        log.info("%s: compacted %d writes into version %d in %.1f s (%d written meanwhile carried over)",
+                 self.path, folded, number, summary["seconds"], len(tail))  # fmt: skip
+        return summary
 
 
 def _image_row(image_id: int, image: Any, pil: Image.Image, captions: list[str], root: Path) -> dict[str, Any]:
@@ -440,12 +713,41 @@ CAPTION_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text
 
 
 def index_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an index, with its directory's size on disk, after the cheap checks of `verify_index`
-    (the manifest, every file's size, the counts in the files' headers): InvalidIndexError when one fails."""
+    """The manifest of an index's base, with its size on disk (base and log) and `live`: per target the base,
+    delta, tombstone and live counts, and the log's size and writes; after the cheap checks of `verify_index`
+    (the manifest, every file's size, the counts in the files' headers, the log's records): InvalidIndexError
+    when one fails."""
     path = Path(path)
     version, manifest = _verify(path, full=False)
-    manifest["disk_bytes"] = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
+    live = _log_summary(version, manifest)
+    manifest["live"] = live
+    manifest["disk_bytes"] = sum(p.stat().st_size for p in version.rglob("*") if p.is_file()) + live["log_bytes"]
     return manifest
+
+
+def _log_summary(version: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Counts from the base's manifest and its log's records (read, checksums checked; ScaNN not loaded)."""
+    out: dict[str, Any] = {"log_bytes": 0, "torn_bytes": 0, "log_writes": 0}
+    for target in TARGETS:
+        part = manifest.get(target)
+        out[target] = {"base": part["count"], "delta": 0, "tombstones": 0} if part else None
+    path = log_path(version)
+    if path.exists():
+        log_ = WriteAheadLog(path, int(manifest["version"]), create=False)
+        entries = log_.entries()
+        out.update(log_bytes=log_.size, torn_bytes=log_.torn_bytes, log_writes=len(entries))
+        for entry in entries:
+            for target in TARGETS:
+                ids = entry.arrays.get(f"{target[:-1]}_ids")
+                if ids is not None and len(ids):
+                    if out[target] is None:
+                        raise InvalidIndexError(f"{path}: writes to captions in an index without captions")
+                    out[target]["delta" if entry.op == "add" else "tombstones"] += len(ids)
+    for target in TARGETS:
+        if out[target] is not None:
+            c = out[target]
+            c["count"] = c["base"] + c["delta"] - c["tombstones"]
+    return out
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:
@@ -463,12 +765,16 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
 
 
 def verify_index(path: str | os.PathLike, full: bool = True) -> dict[str, Any]:
-    """Checks the current version of an index and returns its manifest; InvalidIndexError names the first
-    problem. Cheap checks (`full=False`, what `jaxmr index info` runs): the manifest's shape, every file's size
-    against the manifest, the counts in the .npy and parquet headers against the manifest's count and against
-    each other, and the vector width. `full` adds every file's checksum, loading each collection (ScaNN
-    included), unique ids, and that every image file the index owns is there."""
-    return _verify(Path(path), full)[1]
+    """Checks the current version of an index and its log, and returns the base's manifest with `live` counts
+    (as `index_info`); InvalidIndexError names the first problem. Cheap checks (`full=False`, what `jaxmr index
+    info` runs): the manifest's shape, every file's size against the manifest, the counts in the .npy and parquet
+    headers against the manifest's count and against each other, the vector width, and the log's records. `full`
+    adds every file's checksum, loading each collection (ScaNN included) with the log replayed over it, unique
+    live ids, and that every image file the index's live rows own is there."""
+    path = Path(path)
+    version, manifest = _verify(path, full)
+    manifest["live"] = _log_summary(version, manifest)
+    return manifest
 
 
 def _verify(path: Path, full: bool) -> tuple[Path, dict[str, Any]]:
@@ -495,13 +801,19 @@ def _verify(path: Path, full: bool) -> tuple[Path, dict[str, Any]]:
                                     f"match the manifest's count of {count}")  # fmt: skip
         if embeddings[1] != dim:
             raise InvalidIndexError(f"{directory}: vectors of width {embeddings[1]}, the model's is {dim}")
-        if not full:
+    if not full:
+        return version, manifest
+    searcher = Searcher(path, load_encoder=False)  # checks the checksums first, then replays the log
+    if searcher._state.version != version:
+        return _verify(path, full)  # compacted meanwhile: check the new base
+    for target in TARGETS:
+        if manifest.get(target) is None:
             continue
-        collection = _load_collection(version, manifest, target)  # checks the checksums first
-        if len(np.unique(collection.ids)) != len(collection.ids):
-            raise InvalidIndexError(f"{directory}: ids are not unique")
+        live = searcher.collection(target)
+        if len(np.unique(live.ids)) != len(live.ids):
+            raise InvalidIndexError(f"{version / target}: ids are not unique")
         if target == "images":
-            owned = [r for r in collection.meta.column("path").to_pylist() if r and not Path(r).is_absolute()]
+            owned = [r for r in live.meta.column("path").to_pylist() if r and not Path(r).is_absolute()]
             missing = [r for r in owned if not (path / r).is_file()]
             if missing:
                 raise InvalidIndexError(

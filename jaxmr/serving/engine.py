@@ -183,14 +183,15 @@ class Engine:
         return records
 
     def image_vector(self, image_id: int) -> np.ndarray | None:
-        collection = self.searcher.collection("images")
-        (row,) = collection.rows_of([image_id])
-        return None if row < 0 else np.asarray(collection.embeddings[row], np.float32)
+        try:
+            return self.searcher.collection("images").vectors([image_id])[0]
+        except KeyError:
+            return None
 
     def thumbnail(self, image_id: int, size: int) -> bytes | None:
         """A JPEG at most `size` pixels on its longer side (an in-memory LRU of 2,048); None for an unknown id.
         Raises NoThumbnail when the image's file cannot be read or is over the pixel limits."""
-        key = (self.searcher.version, image_id, size)
+        key = (self.searcher.generation, image_id, size)
         if key in self._thumbs:
             self._thumbs.move_to_end(key)
             return self._thumbs[key]
@@ -262,7 +263,7 @@ class Engine:
         version: the first `n` of its points (a random subset). Requests that arrive while it is computed wait
         for that one computation, so no request costs more than one t-SNE per change of the index."""
         with self._projection_lock:
-            version = self.searcher.version
+            version = self.searcher.generation
             if self._projection.get("version") != version:
                 collection = self.searcher.collection("images")
                 rng = np.random.default_rng(0)

@@ -111,10 +111,11 @@ def test_auto_config_follows_scann_advice():
 
 @pytest.mark.parametrize("method", ["brute_force", "ah", "tree_ah", "exact"])
 def test_collection_add_delete_equals_fresh_build(method, tmp_path):
-    """1,000 added and 100 deleted: the same answers as a collection built fresh from the final vectors, also
-    after a save and reload."""
+    """1,000 added and 100 deleted over a base: the same answers as a collection built fresh from the final
+    vectors; compacted into a new base (and saved and loaded), still."""
     import pyarrow as pa
 
+    from jaxmr.index.live import LiveCollection
     from jaxmr.index.store import CAPTION_SCHEMA
 
     d = 32
@@ -127,26 +128,31 @@ def test_collection_add_delete_equals_fresh_build(method, tmp_path):
     ids = np.arange(2000, dtype=np.int64)
     col = Collection.create(ids, base, table(ids), ann)
     new_ids = np.arange(5000, 6000, dtype=np.int64)
-    col = col.added(new_ids, extra, table(new_ids))
+    live = LiveCollection.over(col).with_added(new_ids, extra, table(new_ids).to_pylist())
     gone = np.concatenate([ids[::40], new_ids[::20]])  # 50 + 50
-    col = col.removed(gone)
-    assert len(col) == 2900 and not np.isin(gone, col.ids).any()
-    assert [r and r["text"] for r in col.records([5001, 0, 7])] == ["5001", None, "7"]
+    live = live.with_deleted(gone)
+    assert len(live) == 2900 and not np.isin(gone, live.ids).any() and len(col) == 2000
+    assert [r and r["text"] for r in live.records([5001, 0, 7, 5000])] == ["5001", None, "7", None]
+    assert live.counts == {"base": 2000, "delta": 1000, "tombstones": 100, "count": 2900}
 
     keep_ids = np.setdiff1d(np.concatenate([ids, new_ids]), gone)
     all_vectors = np.concatenate([base, extra])[np.searchsorted(np.concatenate([ids, new_ids]), keep_ids)]
     fresh = Collection.create(keep_ids, all_vectors, table(keep_ids), ann)
     truth, _ = fresh.search(queries, 10, exact=True)
-    found, scores = col.search(queries, 10)
+    np.testing.assert_array_equal(live.search(queries, 10, exact=True)[0], truth)
+    found = live.search(queries, 10)[0]
     assert recall(found, truth) >= 0.95
     assert recall(found, truth) == pytest.approx(recall(fresh.search(queries, 10)[0], truth), abs=0.02)
-    np.testing.assert_allclose(col.vectors(found[:, 0]) @ queries.T, (all_vectors @ queries.T)[
+    np.testing.assert_allclose(live.vectors(found[:, 0]) @ queries.T, (all_vectors @ queries.T)[
         np.searchsorted(keep_ids, found[:, 0])], atol=1e-6)  # fmt: skip
 
-    col.save(tmp_path / "c")
-    again = Collection.load(tmp_path / "c", col.ann)
-    np.testing.assert_array_equal(again.search(queries, 10)[0], found)
-    np.testing.assert_allclose(again.search(queries, 10)[1], scores, atol=1e-5)
+    compacted = live.compacted()
+    assert compacted.ann == col.ann and len(compacted) == 2900 and compacted.tombstones == 0
+    compacted.save(tmp_path / "c")
+    again = Collection.load(tmp_path / "c", compacted.ann)
+    np.testing.assert_array_equal(again.search(queries, 10, exact=True)[0], truth)
+    assert recall(again.search(queries, 10)[0], truth) >= 0.95
+    assert again.records([5001, 0]) == [{"id": 5001, "image_id": 5001, "text": "5001"}, None]
 
 
 def test_build_search_info_and_cli(smoke_run, smoke_index, tmp_path, capsys):
@@ -206,7 +212,7 @@ def test_add_delete_persist_and_readers(smoke_index, tmp_path):
     png = tmp_path / "upload.png"
     write_image(png, 99, size=(50, 40))
     new = writer.add([pixels[0], pixels[1], png.read_bytes()], captions=[["first added"], [], ["third", "3rd"]])
-    assert new == [64, 65, 66] and writer.version == 2
+    assert new == [64, 65, 66] and writer.generation == (1, 1)  # one write, logged over the base version 1
     assert writer.records([66])[0]["path"] == "files/000000066.png" and writer.image_file(66).is_file()
     assert writer.records([66])[0]["width"] == 50
     ids, _ = writer.search(writer.encoder.encode_images(np.stack(pixels[:2])), k=1)
@@ -225,11 +231,11 @@ def test_add_delete_persist_and_readers(smoke_index, tmp_path):
     caption_images = set(np.asarray(final.collection("captions").meta["image_id"]).tolist())
     assert 64 not in caption_images and 0 not in caption_images and 66 in caption_images
     versions = sorted(p.name for p in index.iterdir() if p.name.startswith("v"))
-    assert versions == ["v000002", "v000003", "v000004"] and os.readlink(index / "current") == "v000004"
+    assert versions == ["v000001", "v000001.log"] and os.readlink(index / "current") == "v000001"  # no copies
 
     with pytest.raises(Exception, match="cannot read image"):
         writer.add([b"not an image"])
-    assert Searcher(index).version == 4  # a failed add changes nothing
+    assert Searcher(index).generation == (1, 3)  # a failed add changes nothing
 
 
 def test_model_mismatch_is_refused(smoke_index, smoke_run, tmp_path):
@@ -278,14 +284,14 @@ def test_interrupted_build_resumes_with_identical_embeddings(smoke_run, tmp_path
     assert not (out / ".build").exists()
 
 
-def test_soar_tree_needs_fewer_leaves_and_takes_changes_through_tombstones(tmp_path, monkeypatch):
-    """SOAR needs fewer leaves for the same recall. ScaNN's delete crashes on its trees, so deleted vectors stay
-    in the searcher as tombstones that no search returns (even when they are the best matches), survive a save
-    and load, and a rebuild clears them once more than MAX_TOMBSTONES pile up."""
+def test_soar_tree_needs_fewer_leaves_and_takes_changes_through_tombstones(tmp_path):
+    """SOAR needs fewer leaves for the same recall. ScaNN's delete crashes on its trees, so deletes are
+    tombstones that no search returns (even when they are the best matches); adds go into the same searcher
+    (upserted, each once) and an older snapshot does not see them; compaction clears the tombstones."""
     import pyarrow as pa
 
-    import jaxmr.index.collection as collection
     from bench.common import clustered_vectors
+    from jaxmr.index.live import LiveCollection
 
     database, text, _ = clustered_vectors(20_000, 32, n_queries=600, seed=3)
     ids = np.arange(len(database), dtype=np.int64)
@@ -301,8 +307,9 @@ def test_soar_tree_needs_fewer_leaves_and_takes_changes_through_tombstones(tmp_p
     queries = text[300:340]
     best = exact_search(database, queries, 3)[0]
     gone = np.unique(best)
-    after = soar.removed(gone)
-    assert len(after) == 20_000 - len(gone) and after.tombstones == len(gone) and soar.tombstones == 0
+    before = LiveCollection.over(soar)
+    after = before.with_deleted(gone)
+    assert len(after) == 20_000 - len(gone) and after.counts["tombstones"] == len(gone) and len(before) == 20_000
     found, scores = after.search(queries, 10)
     assert found.shape == (40, 10) and not np.isin(found, gone).any()
     assert (np.diff(scores, axis=1) <= 1e-6).all()
@@ -310,26 +317,25 @@ def test_soar_tree_needs_fewer_leaves_and_takes_changes_through_tombstones(tmp_p
     assert recall(found, live[exact_search(database[live], queries, 10)[0]]) >= 0.9
     # the old snapshot still finds them (an approximate search: most, not all, of its top 3 are the exact top 3;
     # comparing each query's top 1 with the exact one failed on a fresh clone when one query's ANN top 1 differed)
-    assert np.isin(soar.search(queries, 3)[0], gone).mean() >= 0.8
+    assert np.isin(before.search(queries, 3)[0], gone).mean() >= 0.8
     assert after.records([int(gone[0])]) == [None]
 
-    # adds land in the same searcher; the tombstones survive a save and load
+    # adds land in the same searcher; the snapshot from before them does not return them
     new = np.arange(50_000, 50_005, dtype=np.int64)
-    grown = after.added(new, -queries[:5], pa.table({"id": new}))
+    grown = after.with_added(new, -queries[:5], [{"id": int(i)} for i in new])
     assert np.array_equal(grown.search(-queries[:5], 1)[0][:, 0], new)
-    grown.save(tmp_path / "c")
-    loaded = Collection.load(tmp_path / "c", grown.ann)
-    assert loaded.tombstones == len(gone) and len(loaded) == len(grown)
-    assert np.array_equal(loaded.search(queries, 10)[0], grown.search(queries, 10)[0])
+    assert not np.isin(after.search(-queries[:5], 3)[0], new).any() and len(soar.scann.docids) == 20_005
+    assert np.array_equal(grown.search(-queries[:5], 1)[0][:, 0], new)  # upserted once, found again
 
-    # past the limit the searcher is rebuilt without them
-    monkeypatch.setattr(collection, "MAX_TOMBSTONES", len(gone) + 10)
-    compacted = loaded.removed(np.arange(1_000, 1_011))
-    assert compacted.tombstones == 0 and compacted.scann is not loaded.scann and len(compacted) == len(loaded) - 11
-    assert compacted.ann == loaded.ann
+    # compaction: a new searcher without them, the same settings
+    compacted = grown.compacted()
+    assert compacted.tombstones == 0 and compacted.scann is not soar.scann and len(compacted) == len(grown)
+    assert compacted.ann == soar.ann and len(compacted.scann.docids) == len(grown)
     found = compacted.search(queries, 10)[0]
     assert not np.isin(found, gone).any() and recall(found, live[exact_search(database[live], queries, 10)[0]]) >= 0.9
-    assert len(soar) == 20_000 and soar.removed([123_456]) is soar  # unknown ids: nothing to change
+    compacted.save(tmp_path / "c")
+    loaded = Collection.load(tmp_path / "c", compacted.ann)
+    assert np.array_equal(loaded.search(queries, 10)[0], found)
 
 
 def test_auto_config_spills_with_soar_only_for_large_trees():

@@ -155,14 +155,16 @@ def test_a_failed_add_leaves_no_files(index, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the disk filled up")
 
-    monkeypatch.setattr("jaxmr.index.store._commit", broken)
+    monkeypatch.setattr("jaxmr.index.wal.WriteAheadLog.append", broken)
     with pytest.raises(RuntimeError, match="disk filled"):
         searcher.add([np.zeros((32, 32, 3), np.uint8)])
     assert sorted((index / "files").iterdir()) == before
 
 
 def test_cleanup_deletes_nothing_when_it_cannot_tell_what_is_referenced(index):
-    Searcher(index).add([np.zeros((32, 32, 3), np.uint8)])  # v000002; v000001 is kept for slow readers
+    searcher = Searcher(index)
+    searcher.add([np.zeros((32, 32, 3), np.uint8)])
+    assert searcher.compact()["version"] == 2  # v000002; v000001 is kept for slow readers
     (index / "v000001" / "images" / "meta.parquet").write_bytes(b"damaged")
     orphan = index / "files" / "000999999.png"
     orphan.write_bytes(b"maybe an image a version we cannot read still needs")

@@ -77,7 +77,7 @@ def test_damage_that_is_not_a_torn_tail_is_refused(tmp_path):
     whole[middle] ^= 0x01  # inside record 1, with record 2 after it: acknowledged writes follow
     path.write_bytes(bytes(whole))
     with pytest.raises(CorruptLogError, match="fails its checksum and more follow"):
-        WriteAheadLog(path, base=7)
+        WriteAheadLog(path, base=7).entries()
     _three(tmp_path / "other")
     with pytest.raises(CorruptLogError, match="over version 7, not 8"):  # a log over another base version
         WriteAheadLog(tmp_path / "other", base=8)

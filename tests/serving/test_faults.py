@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from jaxmr.cli import main
 from jaxmr.index.build import BuildOptions, build_index
-from jaxmr.index.store import Searcher, current_version
+from jaxmr.index.store import Searcher, current_version, referenced_files
 
 from conftest import ROOT, SMOKE_SOURCE
 
@@ -125,9 +124,7 @@ def test_kill_9_during_concurrent_uploads_and_deletes(smoke_run, tmp_path, capsy
         assert all(r is None for r in records[len(added) :]), "an acknowledged delete came back"
         leftovers = [p.name for p in index.iterdir() if re.fullmatch(r"\.v\d{6}\..+|\.current\.\d+", p.name)]
         assert not leftovers, leftovers
-        referenced = set()
-        for version in index.glob("v[0-9]*"):
-            referenced.update(pq.read_table(version / "images" / "meta.parquet", columns=["path"])["path"].to_pylist())
+        referenced = referenced_files(index)  # every version's live rows: its base and its log
         orphans = [f.name for f in (index / "files").iterdir() if f"files/{f.name}" not in referenced]
         assert not orphans, orphans
         assert current_version(index) is not None
