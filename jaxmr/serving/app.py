@@ -266,9 +266,12 @@ def _routes(settings: Settings) -> list:
         engine = _engine(request)
         m = engine.searcher.manifest
         model = {k: m["model"].get(k) for k in ("fingerprint", "step", "embed_dim", "image_size")}  # no paths
+        counts = engine.searcher.counts()
         return {
-            "images": len(engine.searcher.collection("images")),
-            "captions": len(engine.searcher.collection("captions")) if m.get("captions") else 0,
+            "images": counts["images"]["count"],
+            "captions": counts["captions"]["count"] if counts["captions"] else 0,
+            "index": {"base_version": m["version"], "writes_logged": counts["log_writes"],
+                      "log_bytes": counts["log_bytes"], "images": counts["images"], "captions": counts["captions"]},
             "source": {k: m["source"].get(k) for k in ("spec", "split")}, "model": model, "version": m["version"],
             "jaxmr_version": jaxmr.__version__,
             "limits": {"max_k": settings.max_k, "max_text_chars": settings.max_text_chars,

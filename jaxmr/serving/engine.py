@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +25,8 @@ from jaxmr.serving.settings import Settings
 from jaxmr.serving.telemetry import Metrics
 from jaxmr.serving.uploads import BadRequest, decode_upload
 from jaxmr.serving.views import kmeans, project_2d
+
+log = logging.getLogger(__name__)
 
 
 class NoThumbnail(Exception):
@@ -63,8 +66,9 @@ class Engine:
         self._device_lock = threading.Lock()  # encoders and searches from the batch worker and uploads
         self._projection: dict[str, Any] = {}
         self._projection_lock = threading.Lock()
-        self._thumbs: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[Any, int, int], bytes] = OrderedDict()
         self.compiled_after_warm_up: int | None = None
+        self._compactor: threading.Thread | None = None
 
     # ---- life cycle
 
@@ -77,7 +81,7 @@ class Engine:
         if self.searcher.manifest.get("captions"):
             self.searcher.search(z, 1, target="captions")
         self.compiled_after_warm_up = self.encoder.compiled_count()
-        self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
+        self._after_write()
 
     async def start(self) -> None:
         await asyncio.to_thread(self.warm_up)
@@ -228,14 +232,43 @@ class Engine:
                 ids = self.searcher.add(images, captions)
             except ImageReadError as e:
                 raise BadRequest(str(e)) from None
-        self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
+        self._after_write()
         return ids
 
     def delete(self, image_id: int) -> bool:
         with self._device_lock:
             removed = self.searcher.delete([image_id]) == 1
-        self.metrics.index_size.labels("images").set(len(self.searcher.collection("images")))
+        self._after_write()
         return removed
+
+    def _after_write(self) -> None:
+        """Updates the index gauges, and starts a background compaction when one is due (and none runs)."""
+        counts = self.searcher.counts()
+        for target in ("images", "captions"):
+            if counts[target] is not None:
+                self.metrics.index_size.labels(target).set(counts[target]["count"])
+                self.metrics.index_delta.labels(target).set(counts[target]["delta"])
+                self.metrics.index_tombstones.labels(target).set(counts[target]["tombstones"])
+        self.metrics.log_bytes.set(counts["log_bytes"])
+        share = self.settings.compact_share
+        if share <= 0 or (self._compactor is not None and self._compactor.is_alive()):
+            return
+        if self.searcher.compaction_due(share, self.settings.compact_min):
+            self._compactor = threading.Thread(target=self._compact, name="jaxmr-compaction", daemon=True)
+            self._compactor.start()
+
+    def _compact(self) -> None:
+        """The background compaction (searches and writes go on; see `Searcher.compact`)."""
+        self.metrics.compacting.set(1)
+        try:
+            done = self.searcher.compact()
+            self.metrics.compactions.labels("done" if done else "nothing").inc()
+        except Exception:  # the index stays as it was (the old base and its log): logged, tried again later
+            log.exception("background compaction of %s failed", self.settings.index)
+            self.metrics.compactions.labels("failed").inc()
+        finally:
+            self.metrics.compacting.set(0)
+        self._after_write()
 
     # ---- views
 

@@ -25,6 +25,11 @@ class Settings:
     # after a change (28 s for 500 on 2 cores), then sliced: no request can start a second one for a version
     projection_points: int = 600
     warm_up: bool = True
+    # background compaction: once the index's logged adds + tombstones reach this share of its base (and
+    # compact_min), the server folds them into a new base while it goes on serving; 0 turns it off
+    # (`jaxmr index compact` does it on demand)
+    compact_share: float = 0.1
+    compact_min: int = 1000
 
     def __post_init__(self) -> None:
         positive = ("port", "max_upload_bytes", "max_pixels", "max_text_chars", "max_k", "max_batch",
@@ -32,8 +37,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
-        if self.max_offset < 0 or self.batch_window_ms < 0:
-            raise ValueError("max_offset and batch_window_ms cannot be negative")
+        if self.max_offset < 0 or self.batch_window_ms < 0 or self.compact_share < 0 or self.compact_min < 0:
+            raise ValueError("max_offset, batch_window_ms, compact_share and compact_min cannot be negative")
         if self.port > 65535:
             raise ValueError(f"setting port must be a TCP port (1-65535), got {self.port}")
 

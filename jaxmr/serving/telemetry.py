@@ -29,6 +29,15 @@ class Metrics:
             "jaxmr_batch_size", "Queries per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry
         )
         self.index_size = Gauge("jaxmr_index_size", "Vectors in the index", ["target"], registry=self.registry)
+        self.index_delta = Gauge("jaxmr_index_delta", "Vectors added since the base (in its log)", ["target"],
+                                 registry=self.registry)  # fmt: skip
+        self.index_tombstones = Gauge("jaxmr_index_tombstones", "Deleted vectors still in the base", ["target"],
+                                      registry=self.registry)  # fmt: skip
+        self.log_bytes = Gauge("jaxmr_index_log_bytes", "Size of the index's write-ahead log", registry=self.registry)
+        self.compactions = Counter("jaxmr_index_compactions", "Background compactions by outcome", ["outcome"],
+                                   registry=self.registry)  # fmt: skip
+        self.compacting = Gauge("jaxmr_index_compacting", "1 while a background compaction runs",
+                                registry=self.registry)  # fmt: skip
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
