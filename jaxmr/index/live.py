@@ -139,7 +139,8 @@ class LiveCollection:
         if self.n:
             live |= self._delta_rows(flat) >= 0
         if len(self.deleted):
-            live &= ~np.isin(flat, self.deleted)
+            at = np.minimum(np.searchsorted(self.deleted, flat), len(self.deleted) - 1)
+            live &= self.deleted[at] != flat
         return live.reshape(ids.shape)
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
@@ -250,40 +251,45 @@ class LiveCollection:
         return _best_live(ids, scores, self.contains(ids), k)
 
     def _search_ann(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One ScaNN search over base and delta; results this snapshot does not see (deleted, added later, a
-        base's own SOAR tombstones) are dropped. Fetches a little past k first and only searches again, deeper,
-        for queries that lost too many to tombstones."""
+        """One ScaNN search over base and delta. Results this snapshot does not see (deleted, added later, a
+        base's own SOAR tombstones) are dropped: it fetches a little past k, and searches again as deep as
+        there are hidden vectors only for the queries that lost too many."""
         delta = self._delta
-        out_ids = np.zeros((len(queries), k), np.int64)
-        out_scores = np.full((len(queries), k), -np.inf, np.float32)
-        width = np.zeros(len(queries), np.int64)
-        todo = np.arange(len(queries))
         with delta.lock:
             delta.sync()
             hidden = len(self.base.scann.docids) - len(self)  # in the searcher, not live here
-            deepest = k + max(hidden, 0)
-            fetch = min(deepest, k + min(hidden, max(k, 32)))
-            while len(todo):
-                ids, scores = self.base.scann_search(queries[todo], fetch)
-                live = self.contains(ids) if hidden > 0 else np.ones(ids.shape, bool)
-                done = (live.sum(axis=1) >= k) | (fetch >= deepest) | (ids.shape[1] < fetch)  # found all it can
-                got_ids, got_scores = _best_live(ids[done], scores[done], live[done], k, ragged=True)
-                rows = todo[done]
-                out_ids[rows, : got_ids.shape[1]], out_scores[rows, : got_ids.shape[1]] = got_ids, got_scores
-                width[rows] = np.minimum(live[done].sum(axis=1), k)
-                todo, fetch = todo[~done], min(deepest, 4 * fetch)
-        w = int(width.min()) if len(width) else k
-        return out_ids[:, :w], out_scores[:, :w]
+            if hidden <= 0:  # the common case: nothing to drop
+                return self.base.scann_search(queries, k)
+            deepest = k + hidden
+            fetch = min(deepest, k + max(k, 32))
+            ids, scores = self.base.scann_search(queries, fetch)
+            live = self.contains(ids)
+            count = live.sum(axis=1)
+            short = np.flatnonzero(count < k) if fetch < deepest and ids.shape[1] == fetch else []
+            if len(short):
+                deep_ids, deep_scores = self.base.scann_search(queries[short], deepest)
+                deep_live = self.contains(deep_ids)
+        out = _live_first(ids, scores, live, k)
+        width = min(k, int(count.min()))
+        if len(short):
+            deep = _live_first(deep_ids, deep_scores, deep_live, k)
+            out[0][short, : deep[0].shape[1]], out[1][short, : deep[1].shape[1]] = deep
+            width = min(k, int(np.delete(count, short).min(initial=k)), int(deep_live.sum(axis=1).min()))
+        return out[0][:, :width], out[1][:, :width]
 
 
-def _best_live(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int, ragged: bool = False):
-    """Per row, the best k live results ([Q, C] candidates -> [Q, k']); k' = the fewest live in a row (or k, with
-    `ragged`: rows with fewer are padded at the end, for the caller to cut)."""
+def _live_first(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of candidates already best first, the first k with live ones moved to the front (in order)."""
+    order = np.argsort(~live, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def _best_live(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the best k live candidates by score ([Q, C] in any order -> [Q, k']); k' = the fewest live in a
+    row."""
     order = np.lexsort((-np.where(live, scores, -np.inf), ~live), axis=1)[:, :k]
     ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
-    if ragged or len(ids) == 0:
-        return ids, scores
-    width = min(k, int(live.sum(axis=1).min()))
+    width = min(k, int(live.sum(axis=1).min())) if len(ids) else k
     return ids[:, :width], scores[:, :width]
 
 
