@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+import signal
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from jaxmr.index.ann import AnnConfig, InvalidIndexError, build_scann, exact_sea
 # A tree whose calibration needs more than this share of its leaves (or misses the target with all of them)
 # is replaced by AH over every vector: searching nearly every leaf costs more than no tree.
 TREE_USEFUL_SHARE = 0.5
+
+CORES = os.cpu_count() or 1
+SERIALIZE_TIMEOUT = 600.0  # seconds a child process may take to write a searcher (1M x 256: 3.5 s)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class Collection:
         self.ids, self.embeddings, self.meta, self.ann, self.scann = ids.astype(np.int64), embeddings, meta, ann, scann
         self.calibration: dict[str, Any] | None = None
         self._sorted = np.argsort(self.ids, kind="stable")
+        # ids first..first+N-1 in order (what a build makes): a row is the id minus the first, no bisection
+        self._first = int(self.ids[0]) if len(self.ids) and _consecutive(self.ids) else None
 
     @classmethod
     def create(
@@ -118,9 +127,10 @@ class Collection:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def tombstones(self) -> int:
-        """Deleted vectors still inside the searcher (searches fetch this many more and drop them)."""
+        """Deleted vectors inside the searcher as it was made or loaded (searches fetch this many more and drop
+        them); vectors a live collection upserts later are not counted."""
         return max(len(self.scann.docids) - len(self.ids), 0) if self.scann is not None else 0
 
     def rows_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -128,6 +138,9 @@ class Collection:
         ids = np.asarray(ids, np.int64).reshape(-1)
         if len(self.ids) == 0:
             return np.full(len(ids), -1, np.int64)
+        if self._first is not None:
+            rows = ids - self._first
+            return np.where((rows >= 0) & (rows < len(self.ids)), rows, -1)
         pos = np.searchsorted(self.ids, ids, sorter=self._sorted)
         pos = np.minimum(pos, len(self.ids) - 1)
         rows = self._sorted[pos]
@@ -150,7 +163,7 @@ class Collection:
         leaves = (self.ann.leaves_to_search or None) if leaves == 0 else leaves
         # Spread over the cores: 1.6x the throughput of `search_batched` at 1,024 queries on 2 cores, the same
         # for one query.
-        per_thread = min(256, max(1, -(-len(queries) // (os.cpu_count() or 1))))
+        per_thread = min(256, max(1, -(-len(queries) // CORES)))
         ids, scores = self.scann.search_batched_parallel(
             queries, final_num_neighbors=fetch, pre_reorder_num_neighbors=pre, leaves_to_search=leaves,
             batch_size=per_thread,
@@ -181,18 +194,19 @@ class Collection:
             raise KeyError(f"unknown id {int(np.asarray(ids)[rows < 0][0])}")
         return np.asarray(self.embeddings[rows], np.float32)
 
-    def save(self, directory: Path) -> dict[str, dict[str, Any]]:
+    def save(self, directory: Path, serve_meanwhile: bool = False) -> dict[str, dict[str, Any]]:
         """Writes the collection into `directory` (new); returns its files' sizes and checksums (`file_records`),
-        which the version's manifest keeps so that a reader can refuse damaged files."""
+        which the version's manifest keeps so that a reader can refuse damaged files. `serve_meanwhile`: this
+        process goes on answering searches in other threads, so the searcher is written by a child process
+        (see `_serialize`)."""
         directory.mkdir(parents=True)
         np.save(directory / "embeddings.npy", self.embeddings)
         np.save(directory / "ids.npy", self.ids)
         pq.write_table(self.meta, directory / "meta.parquet")
         if self.scann is not None:
             (directory / "scann").mkdir()
-            self.scann.serialize(str(directory / "scann"), relative_path=True)
-            (directory / "scann" / "scann_docids.pkl").unlink(missing_ok=True)  # no pickle: saved as .npy
-            np.save(directory / "scann" / "docids.npy", np.asarray(self.scann.docids, np.int64))
+            _serialize(self.scann, directory / "scann", in_child=serve_meanwhile)
+            np.save(directory / "scann" / "docids.npy", np.asarray(self.scann.docids, np.int64))  # no pickle
         return file_records(directory)
 
     @classmethod
@@ -222,6 +236,44 @@ class Collection:
             docids = np.load(saved) if saved.exists() else ids
             scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in docids])
         return cls(ids, embeddings, meta, ann, scann)
+
+
+def _serialize(scann, directory: Path, in_child: bool) -> None:
+    """Writes a ScaNN searcher's files into `directory`. ScaNN's serializer holds Python's GIL throughout (3.5 s
+    at 1M x 256 on this project's CPU, measured: every other thread of the process stops that long), so with
+    `in_child` a forked child writes them: a copy-on-write image of this process that runs only ScaNN's C++
+    serializer and exits, while this thread waits with the GIL released. A child that fails or outlasts
+    SERIALIZE_TIMEOUT is killed and the files are written here instead."""
+    if in_child and hasattr(os, "fork"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # JAX warns of a fork in a threaded process; the child runs no JAX
+            pid = os.fork()
+        if pid == 0:  # the child: ScaNN's writer, then out without any Python clean-up
+            code = 1
+            try:
+                scann.searcher.serialize(str(directory), True)
+                code = 0
+            finally:
+                os._exit(code)
+        deadline, status = time.monotonic() + SERIALIZE_TIMEOUT, None
+        while status is None:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(raw)
+            elif time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                status = -signal.SIGKILL
+            else:
+                time.sleep(0.02)
+        if status == 0:
+            return
+        log.warning("writing the searcher in a child process failed (%s): writing it here", status)
+    scann.searcher.serialize(str(directory), True)
+
+
+def _consecutive(ids: np.ndarray) -> bool:
+    return bool(ids[-1] - ids[0] == len(ids) - 1 and (len(ids) < 2 or (np.diff(ids) == 1).all()))
 
 
 # ---------------------------------------------------------------------------------------- file integrity

@@ -143,6 +143,25 @@ class LiveCollection:
             live &= self.deleted[at] != flat
         return live.reshape(ids.shape)
 
+    @functools.cached_property
+    def _last_id(self) -> int:
+        """The largest id this snapshot sees: the searcher's vectors past it were added later."""
+        if self.n:
+            return int(self._ids[self.n - 1])
+        return int(self.base.ids.max()) if len(self.base) else -1
+
+    def _visible(self, ids: np.ndarray) -> np.ndarray:
+        """`contains` for ids the base's searcher returned, without looking them up: ids only grow, so the
+        searcher's vectors past `_last_id` are later adds and the rest are live unless deleted (an older index's
+        own SOAR tombstones aside: then they are looked up)."""
+        if self.base.tombstones:
+            return self.contains(ids)
+        live = ids <= self._last_id
+        if len(self.deleted):
+            at = np.minimum(np.searchsorted(self.deleted, ids), len(self.deleted) - 1)
+            live &= self.deleted[at] != ids
+        return live
+
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
         """Metadata of each id (None for an unknown or deleted id)."""
         ids = np.asarray(ids, np.int64).reshape(-1)
@@ -263,12 +282,12 @@ class LiveCollection:
             deepest = k + hidden
             fetch = min(deepest, k + max(k, 32))
             ids, scores = self.base.scann_search(queries, fetch)
-            live = self.contains(ids)
+            live = self._visible(ids)
             count = live.sum(axis=1)
             short = np.flatnonzero(count < k) if fetch < deepest and ids.shape[1] == fetch else []
             if len(short):
                 deep_ids, deep_scores = self.base.scann_search(queries[short], deepest)
-                deep_live = self.contains(deep_ids)
+                deep_live = self._visible(deep_ids)
         out = _live_first(ids, scores, live, k)
         width = min(k, int(count.min()))
         if len(short):

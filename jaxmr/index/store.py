@@ -202,15 +202,18 @@ def referenced_files(path: str | os.PathLike) -> set[str] | None:
     return referenced
 
 
-def _stage(path: Path, manifest: dict, collections: dict[str, Collection | None]) -> Path:
+def _stage(
+    path: Path, manifest: dict, collections: dict[str, Collection | None], serve_meanwhile: bool = False
+) -> Path:
     """Writes a version directory under a temporary name (.vNNNNNN.*); each collection's files (sizes,
-    checksums) go into the manifest. `_publish` puts it in place."""
+    checksums) go into the manifest. `_publish` puts it in place. `serve_meanwhile`: see `Collection.save`."""
     name = f"v{int(manifest['version']):06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path))
     try:
         for target, collection in collections.items():
             if collection is not None:
-                manifest[target] = dict(manifest[target], files=collection.save(tmp / target))
+                files = collection.save(tmp / target, serve_meanwhile)
+                manifest[target] = dict(manifest[target], files=files)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -662,7 +665,7 @@ class Searcher:
                 "log_bytes": state.log_end,
             }  # fmt: skip
             manifest["compacted"] = dict(summary, at=_now(), build_seconds=round(time.perf_counter() - start, 3))
-            tmp = _stage(self.path, manifest, {"images": images, "captions": captions})
+            tmp = _stage(self.path, manifest, {"images": images, "captions": captions}, serve_meanwhile=True)
             try:
                 with self._lock, self._writing():
                     now = self._catch_up()

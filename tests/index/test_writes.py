@@ -265,3 +265,22 @@ def test_kill_9_during_a_compaction_leaves_the_old_base_and_its_log(smoke_run, t
     assert not [p.name for p in index.iterdir() if p.name.startswith((".v", "v000002"))]
     assert reopened.compact()["version"] == 2 and reopened.counts()["images"]["count"] == 21_801
     verify_index(index)
+
+
+def test_a_compaction_writes_the_searcher_from_a_child_process_or_here_when_that_fails(tmp_path, monkeypatch):
+    """ScaNN's serializer holds the GIL for seconds at scale, so a compaction has a forked child write the
+    searcher; a child that outlasts its time is killed and this process writes it. Either way it loads and
+    answers as the original."""
+    import pyarrow as pa
+
+    import jaxmr.index.collection as collection_module
+    from jaxmr.index.collection import Collection
+
+    ids = np.arange(3000, dtype=np.int64)
+    original = Collection.create(ids, unit(3000, 0), pa.table({"id": ids}), AnnConfig(method="ah"))
+    queries = unit(10, 1)
+    for timeout in (600.0, 0.0):
+        monkeypatch.setattr(collection_module, "SERIALIZE_TIMEOUT", timeout)
+        original.save(tmp_path / str(timeout), serve_meanwhile=True)
+        loaded = Collection.load(tmp_path / str(timeout), original.ann)
+        np.testing.assert_array_equal(loaded.search(queries, 10)[0], original.search(queries, 10)[0])
