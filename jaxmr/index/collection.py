@@ -47,6 +47,8 @@ class Collection:
             raise InvalidIndexError(
                 f"ids ({len(ids)}), embeddings ({len(embeddings)}) and metadata ({meta.num_rows}) differ"
             )
+        # one chunk: taking a row of a 1M-row table read in 8 chunks costs 1.2 ms, of one chunk 0.05 ms
+        meta = meta.combine_chunks()
         self.ids, self.embeddings, self.meta, self.ann, self.scann = ids.astype(np.int64), embeddings, meta, ann, scann
         self.calibration: dict[str, Any] | None = None
         self._sorted = np.argsort(self.ids, kind="stable")
