@@ -65,16 +65,18 @@ def _recall(live, queries: np.ndarray) -> float:
 
 
 def _search_records(snapshots: dict[str, object], queries: np.ndarray) -> list[dict]:
-    """Each snapshot (a live collection) timed one query at a time, the snapshots taking turns query by query
-    (side by side: this machine's speed drifts), then a batch of 1,024 each, and recall@10."""
+    """Each snapshot (a live collection) timed one query at a time, the snapshots taking turns in blocks of 100
+    queries (side by side, since this machine's speed drifts; in blocks, since turns query by query made each
+    evict the other's searcher from the cache), then a batch of 1,024 each, and recall@10."""
     for live in snapshots.values():
         live.search(queries[:1], 10)  # a first search upserts a delta into the searcher
     times = {name: [] for name in snapshots}
-    for q in queries:
+    for block in range(0, len(queries), 100):
         for name, live in snapshots.items():
-            start = time.perf_counter()
-            live.search(q[None], 10)
-            times[name].append(time.perf_counter() - start)
+            for q in queries[block : block + 100]:
+                start = time.perf_counter()
+                live.search(q[None], 10)
+                times[name].append(time.perf_counter() - start)
     batch = np.resize(queries, (1024, queries.shape[1]))
     out = []
     for name, live in snapshots.items():

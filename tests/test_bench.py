@@ -22,6 +22,18 @@ def test_quick_mode_writes_results(tmp_path, script):
     assert out.with_suffix(".md").read_text().startswith("## ")
 
 
+def test_index_writes_quick_mode_writes_results_and_targets(tmp_path, smoke_run):
+    out = tmp_path / "index_writes.json"
+    command = [sys.executable, "-m", "bench.index_writes", "--quick", "--workdir", str(smoke_run), "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "index_writes" and len(data["records"]) == 9
+    assert set(data["targets"]) == {"add_p50_ms", "add_bytes", "delete_p50_ms", "delete_bytes",
+                                    "search_p50_over_compacted", "recall_change"}  # fmt: skip
+    assert data["verdict"]["compaction_search_errors"] == 0 and data["verdict"]["compaction_search_missed"] == 0
+
+
 def test_accelerator_suite_dry_run_writes_the_verdict(tmp_path, smoke_run):
     """`python -m bench.accelerator --quick`: every section at tiny sizes on this CPU (2 GiB stands in for the
     device's memory), each in its own process, into one JSON + markdown with the verdict and the targets."""
