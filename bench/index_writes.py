@@ -253,7 +253,7 @@ def main() -> None:
         f"{v['delete_bytes'] / 1024:.1f} KB. Before the log, each write saved a whole version: "
         f"{v['whole_version_s']:.1f} s and {v['whole_version_bytes'] / 1e6:.0f} MB here. Search with a {delta} "
         f"vector delta (and the deletes' tombstones): {v['search_p50_over_compacted']:.2f}x the compacted index's "
-        f"p50 (timed side by side, query by query), {v['search_p50_over_before']:.2f}x the index's before any "
+        f"p50 (timed side by side, in alternating blocks of 100 queries), {v['search_p50_over_before']:.2f}x the index's before any "
         f"write; recall@10 {v['recall_change']:.4f} from the index's before any write (the same tree: what the "
         f"delta costs), compacted {v['recall_compacted_minus_delta']:+.4f} from the delta's (a tree trained "
         f"anew, so it also varies by build). Compacting a 10% delta took {v['compaction_10pct_s']:.0f} s with a search "
