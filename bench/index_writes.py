@@ -254,10 +254,10 @@ def main() -> None:
         f"{v['whole_version_s']:.1f} s and {v['whole_version_bytes'] / 1e6:.0f} MB here. Search with a {delta} "
         f"vector delta (and the deletes' tombstones): {v['search_p50_over_compacted']:.2f}x the compacted index's "
         f"p50 (timed side by side, in alternating blocks of 100 queries), {v['search_p50_over_before']:.2f}x "
-        f"the index's before any write; recall@10 {v['recall_change']:.4f} from the index's before any write (the same tree: what the "
-        f"delta costs), compacted {v['recall_compacted_minus_delta']:+.4f} from the delta's (a tree trained "
-        f"anew, so it also varies by build). Compacting a 10% delta took {v['compaction_10pct_s']:.0f} s with a search "
-        f"running throughout: {v['compaction_search_errors']} errors, {v['compaction_search_missed']} probes "
+        f"the index's before any write; recall@10 {v['recall_change']:.4f} from the index's before any write "
+        f"(the same tree: what the delta costs), compacted {v['recall_compacted_minus_delta']:+.4f} from the "
+        f"delta's (a tree trained anew, so it also varies by build). Compacting a 10% delta took "
+        f"{v['compaction_10pct_s']:.0f} s with a search running throughout: {v['compaction_search_errors']} errors, {v['compaction_search_missed']} probes "
         "missed. Disk bytes are /proc/self/io write_bytes (pages the fsyncs sent), log bytes the record sizes.\n\n"
         "Targets (issue 27): " + ", ".join(_target(k, t) for k, t in extra["targets"].items())
     )
