@@ -257,7 +257,8 @@ def main() -> None:
         f"the index's before any write; recall@10 {v['recall_change']:.4f} from the index's before any write "
         f"(the same tree: what the delta costs), compacted {v['recall_compacted_minus_delta']:+.4f} from the "
         f"delta's (a tree trained anew, so it also varies by build). Compacting a 10% delta took "
-        f"{v['compaction_10pct_s']:.0f} s with a search running throughout: {v['compaction_search_errors']} errors, {v['compaction_search_missed']} probes "
+        f"{v['compaction_10pct_s']:.0f} s with a search running throughout: "
+        f"{v['compaction_search_errors']} errors, {v['compaction_search_missed']} probes "
         "missed. Disk bytes are /proc/self/io write_bytes (pages the fsyncs sent), log bytes the record sizes.\n\n"
         "Targets (issue 27): " + ", ".join(_target(k, t) for k, t in extra["targets"].items())
     )
