@@ -147,6 +147,51 @@ def exact_search(
     return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
+def blocked_top_k(database, queries, k: int, dtype, score_dtype, recall_target: float | None, max_scores: int,
+                  valid=None):  # fmt: skip
+    """The best k rows of `database` [N, E] for each of `queries` [Q, E], in blocks of about max_scores / Q rows
+    (`lax.scan`, a running top k) -> (rows int32 [Q, k], scores float32 [Q, k]), best first; traced (call inside
+    jit or shard_map). Products in `dtype`, scores in `score_dtype`; `recall_target`: each block's top k by
+    `lax.approx_max_k`; `valid` bool [N]: rows that may be returned (the others score -inf)."""
+    n = database.shape[0]
+    q = queries.astype(dtype)
+    # float32 means float32: a GPU's default would round the products to TF32 (a 10-bit mantissa)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def top(rows_block, start, valid_block):  # [Q, k] best of one block of rows, with global row numbers
+        scores = jnp.einsum("qe,ne->qn", q, rows_block, preferred_element_type=score_dtype, precision=precision)
+        if valid_block is not None:
+            scores = jnp.where(valid_block[None], scores, -jnp.inf)
+        keep = min(k, rows_block.shape[0])
+        if recall_target is None:
+            values, at = jax.lax.top_k(scores, keep)
+        else:
+            values, at = jax.lax.approx_max_k(scores, keep, recall_target=recall_target)
+        return values, (start + at).astype(jnp.int32)
+
+    def merge(a, b):
+        values, where = jax.lax.top_k(jnp.concatenate([a[0], b[0]], axis=1), k)
+        return values, jnp.take_along_axis(jnp.concatenate([a[1], b[1]], axis=1), where, axis=1)
+
+    chunk = min(n, max(k, max_scores // max(len(q), 1)))
+    full = n // chunk
+    blocks = database[: full * chunk].reshape(full, chunk, -1)
+    masks = valid[: full * chunk].reshape(full, chunk) if valid is not None else None
+    best = top(blocks[0], 0, masks[0] if masks is not None else None)
+    if full > 1:
+        starts = jnp.arange(1, full, dtype=jnp.int32) * chunk
+        if masks is None:
+            step = lambda best, args: (merge(best, top(*args, None)), None)
+            best, _ = jax.lax.scan(step, best, (blocks[1:], starts))
+        else:
+            step = lambda best, args: (merge(best, top(*args)), None)
+            best, _ = jax.lax.scan(step, best, (blocks[1:], starts, masks[1:]))
+    if full * chunk < n:  # the rows left over after the whole chunks
+        rest = valid[full * chunk :] if valid is not None else None
+        best = merge(best, top(database[full * chunk :], full * chunk, rest))
+    return best[1], best[0].astype(jnp.float32)
+
+
 class JaxExactSearch:
     """Exact maximum inner product search as one jitted XLA program, with the database resident on the device.
 
@@ -185,37 +230,7 @@ class JaxExactSearch:
         self._search = jax.jit(self._search_impl, static_argnames="k")
 
     def _search_impl(self, database, queries, k: int):
-
-        q = queries.astype(self.dtype)
-        # float32 means float32: a GPU's default would round the products to TF32 (a 10-bit mantissa)
-        precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
-
-        def top(rows_block, start):  # [Q, k] best of one block of rows, with global row numbers
-            scores = jnp.einsum(
-                "qe,ne->qn", q, rows_block, preferred_element_type=self.score_dtype, precision=precision
-            )
-            keep = min(k, rows_block.shape[0])
-            if self.recall_target is None:
-                values, at = jax.lax.top_k(scores, keep)
-            else:
-                values, at = jax.lax.approx_max_k(scores, keep, recall_target=self.recall_target)
-            return values, (start + at).astype(jnp.int32)
-
-        def merge(a, b):
-            values, where = jax.lax.top_k(jnp.concatenate([a[0], b[0]], axis=1), k)
-            return values, jnp.take_along_axis(jnp.concatenate([a[1], b[1]], axis=1), where, axis=1)
-
-        chunk = min(self.n, max(k, self.max_scores // max(len(q), 1)))
-        full = self.n // chunk
-        blocks = database[: full * chunk].reshape(full, chunk, -1)
-        best = top(blocks[0], 0)
-        if full > 1:
-            step = lambda best, args: (merge(best, top(*args)), None)
-            starts = jnp.arange(1, full, dtype=jnp.int32) * chunk
-            best, _ = jax.lax.scan(step, best, (blocks[1:], starts))
-        if full * chunk < self.n:  # the rows left over after the whole chunks
-            best = merge(best, top(database[full * chunk :], full * chunk))
-        return best[1], best[0].astype(jnp.float32)
+        return blocked_top_k(database, queries, k, self.dtype, self.score_dtype, self.recall_target, self.max_scores)
 
     def __call__(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.n)
