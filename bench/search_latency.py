@@ -81,6 +81,24 @@ def build_jax(dtype: str) -> Callable[[np.ndarray, np.ndarray], Built]:
     return build
 
 
+def build_mesh(recall_target: float | None) -> Callable[[np.ndarray, np.ndarray], Built]:
+    """The mesh backend (`jaxmr.index.mesh`) over every device JAX sees (here: the CPU), float32, exact or
+    with `lax.approx_max_k` per shard."""
+
+    def build(database: np.ndarray, _calibration: np.ndarray) -> Built:
+        from jaxmr.index.mesh import MeshSearch
+
+        start = time.perf_counter()
+        index = MeshSearch(database, np.arange(len(database)), dtype="float32", recall_target=recall_target)
+        for batch in BATCHES:  # compile every batch bucket outside the timings
+            index.search(np.tile(database[:1], (batch, 1)), K)
+        name = "mesh exact" if recall_target is None else f"mesh approx {recall_target}"
+        return Built(name, lambda q: index.search(q, K)[0], time.perf_counter() - start, int(index.data.nbytes),
+                     f"{index.devices} device(s), float32")  # fmt: skip
+
+    return build
+
+
 def _directory_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -209,6 +227,8 @@ METHODS: dict[str, Callable[[np.ndarray, np.ndarray], Built]] = {
     "numpy": build_numpy,
     "jax": build_jax("float32"),
     "jax-bf16": build_jax("bfloat16"),
+    "mesh": build_mesh(None),
+    "mesh-approx": build_mesh(0.95),
     "scann": build_scann,
     "scann-nosoar": functools.partial(build_scann, soar=False),
     "hnsw": build_hnsw,
