@@ -6,9 +6,9 @@ its top k (exact, or `lax.approx_max_k` with a recall target), and the shards' c
 into the global top k on the devices: no host round trip between shards. Query batches are padded to fixed
 buckets and k to a power of two, so a live server compiles each (bucket, k) once.
 
-Writes do not recompile: rows go into free slots of a capacity that grows geometrically (a new capacity is the
-one change that compiles again), deletes clear a validity mask, and `compact` packs the live rows once the dead
-share passes a threshold.
+Writes do not recompile: rows go into free slots (an eighth of room at the start) of a capacity that doubles
+when full (a new capacity is the one change that compiles again), deletes clear a validity mask, and `compact`
+packs the live rows once the dead share passes a threshold.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class MeshSearch:
     # ---- storage
 
     def _capacity_for(self, n: int) -> int:
-        """Room for n rows and as many again, in whole blocks of 256 rows per device."""
-        return _round_up(max(2 * n, 256 * self.devices), 256 * self.devices)
+        """Room for n rows and an eighth more, in whole blocks of 256 rows per device (every slot is scored, free
+        or not: room doubled at the start made a search do twice the work)."""
+        return _round_up(max(n + n // 8, 256 * self.devices), 256 * self.devices)
 
     def _load(self, vectors: np.ndarray, ids: np.ndarray, capacity: int) -> None:
         n = len(ids)
@@ -152,10 +153,11 @@ class MeshSearch:
         vectors = np.asarray(vectors, np.float32).reshape(len(ids), self.dim)
         if any(int(i) in self._row_of for i in ids) or len(np.unique(ids)) != len(ids):
             raise ValueError("ids must be new and unique")
-        if self._used + len(ids) > self.capacity:
+        if self._used + len(ids) > self.capacity:  # grows geometrically: few capacities, few compiles
             keep = np.flatnonzero(np.asarray(self.valid))
+            capacity = max(self._capacity_for(len(keep) + len(ids)), 2 * self.capacity)
             self._load(np.asarray(self.data[keep], np.float32) if len(keep) else np.zeros((0, self.dim)),
-                       self.ids[keep], self._capacity_for(len(keep) + len(ids)))  # fmt: skip
+                       self.ids[keep], capacity)  # fmt: skip
         rows = np.arange(self._used, self._used + len(ids))
         self._write(rows, vectors, True)
         self.ids[rows] = ids
