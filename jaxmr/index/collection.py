@@ -179,9 +179,9 @@ class Collection:
         if dead == 0 or ids.size == 0:
             return ids, scores
         live = (self.rows_of(ids) >= 0).reshape(ids.shape)
-        keep = np.argsort(~live, axis=1, kind="stable")  # live results first, each group best first
+        ids, scores = live_first(ids, scores, live, k)
         width = min(k, int(live.sum(axis=1).min()))
-        return np.take_along_axis(ids, keep, 1)[:, :width], np.take_along_axis(scores, keep, 1)[:, :width]
+        return ids[:, :width], scores[:, :width]
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
         """Metadata of each id (None for an unknown id)."""
@@ -238,6 +238,12 @@ class Collection:
             docids = np.load(saved) if saved.exists() else ids
             scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in docids])
         return cls(ids, embeddings, meta, ann, scann)
+
+
+def live_first(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of candidates already best first, the first k with the live ones moved to the front (in order)."""
+    order = np.argsort(~live, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def _serialize(scann, directory: Path, in_child: bool) -> None:

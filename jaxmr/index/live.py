@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from jaxmr.index.ann import AnnConfig, exact_search
-from jaxmr.index.collection import Collection
+from jaxmr.index.collection import Collection, live_first
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,14 @@ class LiveCollection:
         live = self.base.rows_of(flat) >= 0
         if self.n:
             live |= self._delta_rows(flat) >= 0
-        if len(self.deleted):
-            at = np.minimum(np.searchsorted(self.deleted, flat), len(self.deleted) - 1)
-            live &= self.deleted[at] != flat
-        return live.reshape(ids.shape)
+        return (live & self._not_deleted(flat)).reshape(ids.shape)
+
+    def _not_deleted(self, ids: np.ndarray) -> np.ndarray | bool:
+        """Whether each id is not a tombstone (bisection of the small sorted tombstone array)."""
+        if not len(self.deleted):
+            return True
+        at = np.minimum(np.searchsorted(self.deleted, ids), len(self.deleted) - 1)
+        return self.deleted[at] != ids
 
     @functools.cached_property
     def _last_id(self) -> int:
@@ -156,11 +160,7 @@ class LiveCollection:
         own SOAR tombstones aside: then they are looked up)."""
         if self.base.tombstones:
             return self.contains(ids)
-        live = ids <= self._last_id
-        if len(self.deleted):
-            at = np.minimum(np.searchsorted(self.deleted, ids), len(self.deleted) - 1)
-            live &= self.deleted[at] != ids
-        return live
+        return (ids <= self._last_id) & self._not_deleted(ids)
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
         """Metadata of each id (None for an unknown or deleted id)."""
@@ -290,19 +290,13 @@ class LiveCollection:
             if len(short):
                 deep_ids, deep_scores = self.base.scann_search(queries[short], deepest)
                 deep_live = self._visible(deep_ids)
-        out = _live_first(ids, scores, live, k)
+        out = live_first(ids, scores, live, k)
         width = min(k, int(count.min()))
         if len(short):
-            deep = _live_first(deep_ids, deep_scores, deep_live, k)
+            deep = live_first(deep_ids, deep_scores, deep_live, k)
             out[0][short, : deep[0].shape[1]], out[1][short, : deep[1].shape[1]] = deep
             width = min(k, int(np.delete(count, short).min(initial=k)), int(deep_live.sum(axis=1).min()))
         return out[0][:, :width], out[1][:, :width]
-
-
-def _live_first(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of candidates already best first, the first k with live ones moved to the front (in order)."""
-    order = np.argsort(~live, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def _best_live(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
