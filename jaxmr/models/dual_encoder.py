@@ -7,6 +7,7 @@ embeddings in float32 and a dict with the logit scale `t`, the sigmoid bias `b` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -284,8 +285,15 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     return {"image": image, "text": text, "total": param_count(model)}
 
 
-def model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, their Variables for sharding rules)."""
-    abstract = nnx.eval_shape(lambda: DualEncoder(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+def model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, dict, nnx.State]:
+    """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, their Variables for sharding rules).
+
+    Traced once per config and process (tracing a pretrained tower pair's construction takes ~1.5 s, and a run
+    asks for its graph several times: training, evaluation, export); the Variables are shared, not to be changed."""
+    graphdef, state = _model_graph(config)
     return graphdef, nnx.to_pure_dict(state), state
+
+
+@functools.lru_cache(maxsize=8)
+def _model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(abstract_model(config))

@@ -222,9 +222,11 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh) -> Trainable:
     params_sharding = nnx.to_pure_dict(param_shardings(variables, mesh))
     replicated = NamedSharding(mesh, P())
 
-    def init() -> TrainState:
+    def init(loaded: dict | None = None) -> TrainState:
+        """A fresh state; `loaded` ({top-level name: params}, e.g. pretrained towers) replaces those parts of the
+        random initialisation inside the computation, so XLA never builds (or compiles) their random init."""
         model = DualEncoder(config.model, rngs=nnx.Rngs(config.seed))
-        params = nnx.to_pure_dict(nnx.state(model))
+        params = {**nnx.to_pure_dict(nnx.state(model)), **(loaded or {})}
         return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key(config.seed))
 
     shapes = jax.eval_shape(init)
@@ -260,20 +262,20 @@ def _like_params(opt_shapes, params, params_sharding, replicated):
 
 
 def init_state(trainable: Trainable) -> TrainState:
-    """A fresh state: random initialisation, then the pretrained towers the model config names (loaded on the
-    host, checked strictly against the model, and placed with the parameters' shardings)."""
-
-    state = trainable.init()
+    """A fresh state: random initialisation, with the pretrained towers the model config names (loaded on the
+    host, checked strictly against the model, and placed with the parameters' shardings) in place of theirs."""
     config = trainable.config
     if not config.init_from and not has_pretrained_towers(config.model):
-        return state  # nothing to load: the parameters stay where init placed them
+        return trainable.init()
+    abstract = trainable.abstract_state().params
     if config.init_from:
         exported, params, _, _ = load_export(config.init_from)
         if exported.model != config.model:
             raise ValueError(f"init_from {config.init_from}: its model config differs from this run's model config")
-        params = merge_strict(jax.device_get(state.params), params, config.init_from)
-        loaded = [f"every parameter (from {config.init_from})"]
+        loaded, names = merge_strict(abstract, params, config.init_from), [f"every parameter (from {config.init_from})"]
     else:
-        params, loaded = load_pretrained_towers(config.model, jax.device_get(state.params))
-    log.info("loaded pretrained weights into %s", ", ".join(loaded))
-    return state.replace(params=jax.device_put(params, trainable.state_shardings.params))
+        params, names = load_pretrained_towers(config.model, abstract)
+        loaded = {name: params[name] for name in names}
+    log.info("loaded pretrained weights into %s", ", ".join(names))
+    shardings = trainable.state_shardings.params
+    return trainable.init(jax.device_put(loaded, {name: shardings[name] for name in loaded}))
