@@ -9,6 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Generated data (the shapes cache) goes to a fresh folder per test session, not the user's ~/.cache.
 os.environ.setdefault("JAXMR_CACHE", __import__("tempfile").mkdtemp(prefix="jaxmr-test-cache-"))
+# The tests' subprocesses (training runs, servers, the two-process runs) compile the same tiny programs again and
+# again: one XLA cache per session, empty at its start, shared with them (-27 % on the training tests' file).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXMR_CACHE"], "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import time
 from pathlib import Path
