@@ -152,3 +152,14 @@ def clustered_vectors(n: int, d: int, n_queries: int = 1000, seed: int = 0, clus
         return out
 
     return sample(n, gap_img, 0.9), sample(n_queries, gap_txt, 1.2), sample(n_queries, gap_img, 0.9)
+
+
+def model_of_width(workdir: Path, dim: int) -> str:
+    """A seconds-long training run whose model embeds into `dim` (`write_index` needs a model of that width)."""
+    from jaxmr.config import load_config_file
+    from jaxmr.training.loop import train
+
+    config = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / f"shapes_tiny.py:smoke,"
+                                  f"model.embed_dim={dim}"))  # fmt: skip
+    train(config, workdir, progress=False)
+    return str(workdir)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import clustered_vectors, write_results
+from bench.common import clustered_vectors, model_of_width, write_results
 
 TARGETS = {"add_p50_ms": 20.0, "add_bytes": 64 * 1024, "delete_p50_ms": 20.0, "delete_bytes": 64 * 1024,
            "search_p50_over_compacted": 1.2, "recall_change": 0.005}  # fmt: skip
@@ -98,7 +98,7 @@ def run(size: int, dim: int, workdir: str | None, singles: int, delta: int) -> t
     database, text, _ = clustered_vectors(size + singles + delta + grow, dim, n_queries=1500)
     base, pool = database[:size], database[size:]
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = workdir or _run_with_dim(Path(tmp) / "run", dim)
+        workdir = workdir or model_of_width(Path(tmp) / "run", dim)
         index = Path(tmp) / "index"
         start = time.perf_counter()
         write_index(index, workdir, base, queries=text[:500], description=f"synthetic clustered {size}")
@@ -214,18 +214,6 @@ def run(size: int, dim: int, workdir: str | None, singles: int, delta: int) -> t
     }  # fmt: skip
     targets = {k: {"value": verdict[k], "threshold": v, "met": verdict[k] <= v} for k, v in TARGETS.items()}
     return records, {"verdict": verdict, "targets": targets}
-
-
-def _run_with_dim(workdir: Path, dim: int) -> str:
-    """A seconds-long training run whose model embeds into `dim` (write_index needs a model of that width)."""
-    from jaxmr.config import load_config_file
-    from jaxmr.training.loop import train
-
-    config = load_config_file(
-        str(Path(__file__).resolve().parents[1] / "configs" / f"shapes_tiny.py:smoke,model.embed_dim={dim}")
-    )
-    train(config, workdir, progress=False)
-    return str(workdir)
 
 
 def _target(name: str, target: dict) -> str:

@@ -229,6 +229,55 @@ def _index_compact(args: argparse.Namespace) -> None:
           f"folded in), {done['carried_writes']} made meanwhile carried over; {done['seconds']:.1f} s")  # fmt: skip
 
 
+def _knn_queries(args: argparse.Namespace, index: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """--queries as (vectors [Q, E], ids [Q], what they are): the index's own targets, a .npy file, another index
+    made by the same model (DIR or DIR:captions), or a source spec whose images the index's model embeds."""
+    from jaxmr.index.store import live_arrays, read_manifest
+
+    spec = args.queries
+    if spec in ("images", "captions"):
+        own = live_arrays(index, spec)
+        return own.vectors[:][own.valid], own.ids[own.valid], f"the index's own {spec}"
+    if spec.endswith(".npy"):
+        vectors = np.load(spec, allow_pickle=False)
+        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+            raise ValueError(f"{spec}: queries must be a float array [Q, E], got {vectors.dtype} {vectors.shape}")
+        return vectors.astype(np.float32), np.arange(len(vectors), dtype=np.int64), f"{spec} (ids = row numbers)"
+    folder, _, part = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if (Path(folder) / "current").exists():
+        theirs, ours = read_manifest(folder)["model"]["fingerprint"], read_manifest(index)["model"]["fingerprint"]
+        if theirs != ours:
+            raise ValueError(f"the query index {folder} was made by another model (fingerprint {theirs}, not {ours})")
+        other = live_arrays(folder, part or "images")
+        return other.vectors[:][other.valid], other.ids[other.valid], f"{folder}'s {part or 'images'}"
+    from jaxmr.encoder import Encoder
+    from jaxmr.index.build import embed_source_images
+
+    vectors, numbers = embed_source_images(Encoder.load(index / "model"), spec, args.split,
+                                           progress=not args.no_progress)  # fmt: skip
+    return vectors, numbers, f"the images of {spec} (ids = record numbers)"
+
+
+def _index_knn(args: argparse.Namespace) -> None:
+    from jaxmr.index.knn import KnnOptions, knn
+
+    options = KnnOptions(k=args.k, threshold=args.threshold, exclude_self=args.exclude_self, batch=args.batch,
+                         dtype=args.dtype, approx=args.approx)  # fmt: skip
+    distributed.initialize(args)  # before anything asks JAX for devices
+    index = Path(args.index)
+    queries, ids, what = _knn_queries(args, index)
+    done = knn(index, queries, ids, args.out, args.target, options, progress=not args.no_progress)
+    if args.json:  # every process: what it held
+        print(json.dumps(dict(done, queries_from=what, process=distributed.share()[0])))
+        return
+    if not distributed.is_primary():
+        return
+    kept = f" scoring >= {args.threshold}" if args.threshold is not None else ""
+    print(f"{args.out}: {done['pairs']} (query, neighbour) pairs{kept} for {done['queries']} queries ({what}) over "
+          f"{done['live']} {args.target}; {done['queries_per_second']:.0f} queries/s on {done['devices']} devices "
+          f"of {done['processes']} process(es)")  # fmt: skip
+
+
 def _index_search(args: argparse.Namespace) -> None:
     from jaxmr.index.store import Searcher
 
@@ -262,7 +311,8 @@ def _serve(args: argparse.Namespace) -> None:
     from jaxmr.serving.app import run
     from jaxmr.serving.settings import Settings
 
-    settings = Settings.from_env(index=args.index, host=args.host, port=args.port, api_key=args.api_key)
+    settings = Settings.from_env(index=args.index, host=args.host, port=args.port, api_key=args.api_key,
+                                 backend=args.backend)  # fmt: skip
     if not settings.index:
         raise ValueError("which index? give --index INDEX_DIR (or set JAXMR_INDEX)")
     run(settings)
@@ -361,7 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=_positive, default=256, help="images per encoder call")
     build.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="embeddings on disk")
     build.add_argument("--ann", action="append", default=[], metavar="KEY=VALUE",
-                       help="ScaNN setting, e.g. method=tree_ah, leaves_to_search=64, reorder=256")  # fmt: skip
+                       help="search setting, e.g. method=tree_ah, leaves_to_search=64, reorder=256; "
+                       "method=mesh [approx=0.95] [device_dtype=float32] for the devices")  # fmt: skip
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(build)
     info_index = add("info", _index_info, "print an index's manifest, live counts (base, delta, tombstones) and "
@@ -374,6 +425,25 @@ def _parser() -> argparse.ArgumentParser:
     compact = add("compact", _index_compact, "fold an index's logged adds and deletes into a new base version "
                   "(searches and writes go on meanwhile)", index_commands)  # fmt: skip
     compact.add_argument("index", help="index directory")
+    knn_cmd = add("knn", _index_knn, "nearest neighbours of many queries on the devices (all processes), written "
+                  "as (query, neighbor, rank, score) parquet; with --threshold, near-duplicate pairs",
+                  index_commands)  # fmt: skip
+    knn_cmd.add_argument("index", help="index directory")
+    knn_cmd.add_argument("--queries", required=True, help="images | captions (the index's own), FILE.npy "
+                         "(float [Q, E]), another index made by the same model (DIR[:captions]), or a source spec "
+                         "whose images the index's model embeds")  # fmt: skip
+    knn_cmd.add_argument("--split", default="all", help="with a source spec: its split (default: all)")
+    knn_cmd.add_argument("--target", default="images", choices=("images", "captions"), help="what to search")
+    knn_cmd.add_argument("-k", "--k", type=_positive, default=100, help="neighbours per query")
+    knn_cmd.add_argument("--threshold", type=float, default=None, help="keep pairs scoring at least this")
+    knn_cmd.add_argument("--exclude-self", action="store_true", help="drop each query's own id from its neighbours")
+    knn_cmd.add_argument("--batch", type=_positive, default=1024, help="queries per search")
+    knn_cmd.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="vectors on the devices")
+    knn_cmd.add_argument("--approx", type=float, default=0.0, help="recall target of approx_max_k (0: exact)")
+    knn_cmd.add_argument("--out", required=True, help="parquet file to write")
+    knn_cmd.add_argument("--json", action="store_true", help="print the summary as JSON (each process its own)")
+    knn_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(knn_cmd)
     search = add("search", _index_search, "search an index with a text query", index_commands)
     search.add_argument("index", help="index directory")
     search.add_argument("query", help="the text to search for")
@@ -388,6 +458,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or JAXMR_HOST)")
     serve.add_argument("--port", type=_port, default=None, help="port (default 8000, or JAXMR_PORT)")
     serve.add_argument("--api-key", default=None, help="key for uploads and deletes (or JAXMR_API_KEY)")
+    serve.add_argument("--backend", default=None, choices=("mesh", "scann"),
+                       help="search on the devices JAX sees (mesh) or with ScaNN on the host (default: what the "
+                       "index was built for; or JAXMR_BACKEND)")  # fmt: skip
 
     model = commands.add_parser("model", help="inspect presets, import CLIP / SigLIP checkpoints, export runs")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -33,7 +33,7 @@ class InvalidIndexError(ValueError):
 class AnnConfig:
     """How an index searches. `method` "auto" picks by collection size (see `resolve`); "exact" is a matmul."""
 
-    method: str = "auto"  # auto | brute_force | ah | tree_ah | exact
+    method: str = "auto"  # auto | brute_force | ah | tree_ah | exact | mesh (on the devices: jaxmr.index.mesh)
     num_leaves: int = 0  # tree_ah: 0 -> about sqrt(N)
     leaves_to_search: int = 0  # tree_ah: 0 -> calibrated at build time to reach `target_recall`
     reorder: int = 256  # ah, tree_ah: candidates re-scored exactly (at least k)
@@ -46,11 +46,17 @@ class AnnConfig:
     soar_lambda: float = -1.0
     overretrieve_factor: float = 2.0  # tree_ah with SOAR: how far the second leaf may be from the best
     target_recall: float = 0.96  # tree_ah calibration: recall@10 vs exact on sample queries (0.95 + a margin)
+    approx: float = 0.0  # mesh: each shard's top k by lax.approx_max_k with this recall target; 0: exact
+    device_dtype: str = "bfloat16"  # mesh: the vectors on the devices (bfloat16 | float32)
 
     def __post_init__(self) -> None:
-        methods = ("auto", "brute_force", "ah", "tree_ah", "exact")
+        methods = ("auto", "brute_force", "ah", "tree_ah", "exact", "mesh")
         if self.method not in methods:
             raise ValueError(f"ann.method must be one of {', '.join(methods)}, got {self.method!r}")
+        if not 0 <= self.approx < 1:
+            raise ValueError(f"ann.approx must be 0 (exact) or a recall target below 1, got {self.approx}")
+        if self.device_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"ann.device_dtype must be bfloat16 or float32, got {self.device_dtype!r}")
         if min(self.num_leaves, self.leaves_to_search, self.dims_per_block) < 0 or self.reorder < 1:
             raise ValueError(f"ann parameters out of range: {self}")
         if self.soar_lambda < 0 and self.soar_lambda != -1:
@@ -68,6 +74,8 @@ class AnnConfig:
         vs 2,054 q/s; bench/results/README.md). From SOAR_FROM vectors, SOAR spilling: at 1M x 256 it needs 125
         leaves instead of 333 for the same recall (p50 0.62 vs 0.97 ms); at 100k it was slower (0.10 vs 0.08 ms)."""
         method = self.method
+        if method == "mesh":
+            return dataclasses.replace(self, num_leaves=0, leaves_to_search=0, soar_lambda=0.0)
         if method == "auto":
             method = "brute_force" if n < BRUTE_FORCE_BELOW else "ah" if n < TREE_FROM else "tree_ah"
         dims = self.dims_per_block or (4 if method == "tree_ah" and d >= 128 else 2)
@@ -98,8 +106,9 @@ class AnnConfig:
 
 
 def build_scann(embeddings: np.ndarray, ids: np.ndarray, config: AnnConfig):
-    """A ScaNN searcher over float32 [N, E] unit vectors whose docids are `ids`; None for method "exact"."""
-    if config.method == "exact":
+    """A ScaNN searcher over float32 [N, E] unit vectors whose docids are `ids`; None for methods "exact" and
+    "mesh" (whose searcher `jaxmr.index.mesh` makes)."""
+    if config.method in ("exact", "mesh"):
         return None
     import scann  # slow to import (~1 s); only index builds and searches need it
 

@@ -297,3 +297,30 @@ def _embed_captions(
             )
         bar.update(len(part))
     bar.close()
+
+
+def embed_source_images(
+    encoder: Encoder, source_spec: str, split: str | None = None, batch_size: int = 256, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every readable image of a source embedded with `encoder` (nothing written): (vectors float32 [M, E], the
+    source's record numbers int64 [M]). Unreadable images are skipped and logged, as a build skips them."""
+    source = parse_source(source_spec, split)
+    if len(source) == 0:
+        raise DataError(f"{source.name}: no images (the {split or 'all'} split is empty)")
+    size, vectors, numbers = encoder.image_size, [], []
+    bar = tqdm(total=len(source), unit="img", desc="embedding queries", disable=not progress)
+    for begin in range(0, len(source), batch_size):
+        pixels = []
+        for i in range(begin, min(len(source), begin + batch_size)):
+            try:
+                pixels.append(center_square(load_image(source[i]["image"], min_side=size), size))
+                numbers.append(i)
+            except ImageReadError as e:
+                log.warning("queries: %s", e)
+        if pixels:
+            vectors.append(encoder.encode_images(np.stack(pixels)))
+        bar.update(min(batch_size, len(source) - begin))
+    bar.close()
+    if not vectors:
+        raise DataError(f"{source.name}: none of its {len(source)} images could be read")
+    return np.concatenate(vectors).astype(np.float32), np.asarray(numbers, np.int64)

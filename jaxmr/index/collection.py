@@ -1,4 +1,5 @@
-"""A collection: one target's embeddings, ids, metadata and ScaNN searcher, in memory and on disk."""
+"""A collection: one target's embeddings, ids, metadata and searcher (ScaNN on the host, or the mesh backend on
+the devices JAX sees), in memory and on disk."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxmr.index.ann import AnnConfig, InvalidIndexError, build_scann, exact_search
+from jaxmr.index.mesh import MeshSearch
 
 # A tree whose calibration needs more than this share of its leaves (or misses the target with all of them)
 # is replaced by AH over every vector: searching nearly every leaf costs more than no tree.
 TREE_USEFUL_SHARE = 0.5
 
 CORES = os.cpu_count() or 1
+BACKENDS = ("scann", "mesh")  # what a collection searches with (an index's own: its manifest's ann.method)
 SERIALIZE_TIMEOUT = 600.0  # seconds a child process may take to write a searcher (1M x 256: 3.5 s)
 
 log = logging.getLogger(__name__)
@@ -35,14 +38,18 @@ log = logging.getLogger(__name__)
 
 
 class Collection:
-    """One modality's vectors: ids (int64 [N]), embeddings ([N, E]), metadata rows, and the searcher.
+    """One modality's vectors: ids (int64 [N]), embeddings ([N, E]), metadata rows, and the searcher: `scann`
+    (a ScaNN searcher), `mesh` (a `MeshSearch`, for ann.method "mesh") or neither (method "exact").
 
     A collection never changes once made: writes over it live in `jaxmr.index.live`. The searcher of an index
     saved before that may hold more vectors than the arrays (tombstones of deletes on a SOAR tree, whose ScaNN 1.4
-    delete crashes the process), which searches skip; `tombstones` counts them.
+    delete crashes the process), which searches skip; `tombstones` counts them. `ann` is how it searches,
+    `index_ann` how its index was built (they differ when a server asks for another backend than the index's:
+    compaction keeps the index's).
     """
 
-    def __init__(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig, scann=None):
+    def __init__(self, ids: np.ndarray, embeddings: np.ndarray, meta: pa.Table, ann: AnnConfig, scann=None,
+                 mesh: MeshSearch | None = None, index_ann: AnnConfig | None = None):  # fmt: skip
         if not (len(ids) == len(embeddings) == meta.num_rows):
             raise InvalidIndexError(
                 f"ids ({len(ids)}), embeddings ({len(embeddings)}) and metadata ({meta.num_rows}) differ"
@@ -50,6 +57,7 @@ class Collection:
         # one chunk: taking a row of a 1M-row table read in 8 chunks costs 1.2 ms, of one chunk 0.05 ms
         meta = meta.combine_chunks()
         self.ids, self.embeddings, self.meta, self.ann, self.scann = ids.astype(np.int64), embeddings, meta, ann, scann
+        self.mesh, self._index_ann = mesh, index_ann
         self.calibration: dict[str, Any] | None = None
         self._sorted = np.argsort(self.ids, kind="stable")
         # ids first..first+N-1 in order (what a build makes): a row is the id minus the first, no bisection
@@ -65,6 +73,8 @@ class Collection:
         choice is doubled, since cross-modal queries (the modality gap) need more leaves than same-modality ones.
         """
         resolved = ann.resolve(len(ids), embeddings.shape[1] if embeddings.ndim == 2 else 0)
+        if resolved.method == "mesh":
+            return cls(ids, embeddings, meta, resolved, mesh=_mesh_search(embeddings, ids, resolved))
         collection = cls(ids, embeddings, meta, resolved, build_scann(embeddings, ids, resolved))
         if resolved.method == "tree_ah" and ann.leaves_to_search == 0:
             probe = collection._sample(queries)  # one exact search, for the calibration and a fallback's recall
@@ -129,6 +139,43 @@ class Collection:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def index_ann(self) -> AnnConfig:
+        """The settings of the index this collection came from (`ann`, unless it searches with another backend)."""
+        return self._index_ann or self.ann
+
+    @index_ann.setter
+    def index_ann(self, ann: AnnConfig) -> None:
+        self._index_ann = ann
+
+    @property
+    def backend(self) -> str:
+        """What searches: "mesh", "scann", or "exact" (numpy; an index built with method exact)."""
+        return "mesh" if self.mesh is not None else "scann" if self.scann is not None else "exact"
+
+    @property
+    def searcher_size(self) -> int:
+        """Vectors inside the searcher (the arrays' rows, plus its tombstones and what a live collection added)."""
+        if self.mesh is not None:
+            return len(self.mesh)
+        return len(self.scann.docids) if self.scann is not None else len(self.ids)
+
+    def using(self, backend: str | None) -> Collection:
+        """This collection searched with `backend` ("mesh" or "scann"; None: its index's own), its searcher made
+        from its vectors when it has another one (a ScaNN searcher with settings chosen for its size)."""
+        if backend is None or backend == self.backend:
+            return self
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "mesh":
+            ann = self.index_ann if self.index_ann.method == "mesh" else AnnConfig(method="mesh")
+            return Collection(self.ids, self.embeddings, self.meta, ann, mesh=_mesh_search(self.embeddings,
+                              self.ids, ann), index_ann=self.index_ann)  # fmt: skip
+        ann = AnnConfig(target_recall=self.index_ann.target_recall)
+        made = Collection.create(self.ids, self.embeddings, self.meta, ann)
+        made.index_ann = self.index_ann
+        return made
+
     @functools.cached_property
     def tombstones(self) -> int:
         """Deleted vectors inside the searcher as it was made or loaded (searches fetch this many more and drop
@@ -153,14 +200,16 @@ class Collection:
         queries = np.ascontiguousarray(queries, np.float32)
         if len(self.ids) == 0 or k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        if exact or self.scann is None:
+        if exact or self.backend == "exact":
             rows, scores = exact_search(self.embeddings, queries, k)
             return self.ids[rows], scores
         return self._search_ann(queries, min(k, len(self.ids)), self.ann.leaves_to_search or None)
 
-    def scann_search(self, queries: np.ndarray, fetch: int, leaves: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+    def ann_search(self, queries: np.ndarray, fetch: int, leaves: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
         """The searcher's answer as it is: (ids int64 [Q, <= fetch], scores float32), tombstones and all.
-        `leaves` 0: the collection's own leaves_to_search."""
+        `leaves` 0: the collection's own leaves_to_search (a ScaNN tree)."""
+        if self.mesh is not None:
+            return self.mesh.search(queries, fetch)
         pre = max(fetch, self.ann.reorder) if self.ann.method in ("ah", "tree_ah") else None
         leaves = (self.ann.leaves_to_search or None) if leaves == 0 else leaves
         # Spread over the cores: 1.6x the throughput of `search_batched` at 1,024 queries on 2 cores, the same
@@ -175,7 +224,7 @@ class Collection:
 
     def _search_ann(self, queries: np.ndarray, k: int, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
         dead = self.tombstones
-        ids, scores = self.scann_search(queries, k + dead, leaves)  # every tombstone could be among the best k
+        ids, scores = self.ann_search(queries, k + dead, leaves)  # every tombstone could be among the best k
         if dead == 0 or ids.size == 0:
             return ids, scores
         live = (self.rows_of(ids) >= 0).reshape(ids.shape)
@@ -214,7 +263,8 @@ class Collection:
     @classmethod
     def load(cls, directory: Path, ann: AnnConfig, files: dict[str, dict[str, Any]] | None = None) -> Collection:
         """Reads a saved collection, checking its files against `files` (the manifest's record) first. The
-        arrays are read into memory, not memory-mapped: a file damaged after the check cannot crash a reader."""
+        arrays are read into memory, not memory-mapped: a file damaged after the check cannot crash a reader.
+        A mesh collection's searcher is made from its vectors (placing them on the devices)."""
         if files is not None:
             check_files(directory, files)
         try:
@@ -228,6 +278,8 @@ class Collection:
         if ids.ndim != 1 or embeddings.ndim != 2:
             shapes = f"ids {ids.shape} and embeddings {embeddings.shape}"
             raise InvalidIndexError(f"{directory}: {shapes} are not [N] and [N, E]")
+        if ann.method == "mesh":
+            return cls(ids, embeddings, meta, ann, mesh=_mesh_search(embeddings, ids, ann))
         scann = None
         if ann.method != "exact":
             import scann as scann_lib  # slow to import (~1 s); only loading a saved searcher needs it
@@ -238,6 +290,10 @@ class Collection:
             docids = np.load(saved) if saved.exists() else ids
             scann = scann_lib.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=[int(i) for i in docids])
         return cls(ids, embeddings, meta, ann, scann)
+
+
+def _mesh_search(embeddings: np.ndarray, ids: np.ndarray, ann: AnnConfig) -> MeshSearch:
+    return MeshSearch(embeddings, ids, dtype=ann.device_dtype, recall_target=ann.approx or None)
 
 
 def live_first(ids: np.ndarray, scores: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,9 @@
 
 The base (`Collection`) is what a version holds on disk and never changes. Vectors added since go into a `Delta`
 that every snapshot of that base shares: rows are appended in place (capacity doubles), so a snapshot that saw
-n rows keeps seeing exactly those n. The delta's vectors are also upserted into the base's ScaNN searcher in
-memory (lazily, before the next approximate search), so one ScaNN call answers base and delta together; an exact
+n rows keeps seeing exactly those n. The delta's vectors are also upserted into the base's searcher in memory
+(ScaNN's, or added to the mesh backend's free slots; lazily, before the next approximate search), so one search
+answers base and delta together; an exact
 search scores the delta's rows itself and merges by score. Deletes are tombstones, a sorted id array per
 snapshot; searches fetch past them and drop them. Compaction (`jaxmr.index.store.Searcher.compact`) folds all of
 it into a new base.
@@ -35,7 +36,7 @@ class Delta:
     """Rows added over one base: ids int64 [n], vectors float32 [n, E] (the values the index stores, in the
     base's dtype, widened), metadata rows. Appended by the one writer of the process; read through snapshots.
 
-    `lock` serializes ScaNN calls on the base's searcher (an upsert while a search runs is not safe), and
+    `lock` serializes calls on the base's searcher (an upsert while a search runs is not safe), and
     `synced` counts the rows upserted into it: each row exactly once (ScaNN 1.4 crashes when an id is upserted
     a second time into a SOAR tree)."""
 
@@ -77,11 +78,15 @@ class Delta:
 
     def sync(self) -> None:
         """Upserts the rows not yet in the base's searcher (call with `lock` held)."""
-        if self.synced < self.n and self.base.scann is not None:
-            n = self.n
-            self.base.scann.upsert([int(i) for i in self.ids[self.synced : n]],
-                                   np.ascontiguousarray(self.vectors[self.synced : n]), batch_size=256)  # fmt: skip
-            self.synced = n
+        if self.synced == self.n:
+            return
+        n, base = self.n, self.base
+        if base.scann is not None:
+            base.scann.upsert([int(i) for i in self.ids[self.synced : n]],
+                              np.ascontiguousarray(self.vectors[self.synced : n]), batch_size=256)  # fmt: skip
+        elif base.mesh is not None:
+            base.mesh.add(self.ids[self.synced : n], self.vectors[self.synced : n])
+        self.synced = n
 
 
 class LiveCollection:
@@ -160,7 +165,7 @@ class LiveCollection:
         own SOAR tombstones aside: then they are looked up)."""
         if self.base.tombstones:
             return self.contains(ids)
-        return (ids <= self._last_id) & self._not_deleted(ids)
+        return (ids >= 0) & (ids <= self._last_id) & self._not_deleted(ids)  # -1: a free slot of the mesh
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
         """Metadata of each id (None for an unknown or deleted id)."""
@@ -236,9 +241,9 @@ class LiveCollection:
         return pa.concat_tables([self.base.meta.filter(pa.array(self._live_base)), table])
 
     def compacted(self) -> Collection:
-        """A new base holding the live rows, ScaNN rebuilt with the same settings (a tree smaller than its leaf
-        count is re-configured for its size instead, and says so)."""
-        ann = self.ann
+        """A new base holding the live rows, its searcher rebuilt with the index's settings (a tree smaller than
+        its leaf count is re-configured for its size instead, and says so)."""
+        ann = self.base.index_ann
         if ann.method == "tree_ah" and len(self) < 2 * ann.num_leaves:
             log.warning("compaction: %d vectors are too few for a tree of %d leaves; choosing settings anew",
                         len(self), ann.num_leaves)  # fmt: skip
@@ -254,7 +259,7 @@ class LiveCollection:
         k = min(k, len(self))
         if k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        if exact or self.base.scann is None:
+        if exact or self.base.backend == "exact":
             return self._search_exact(queries, k)
         return self._search_ann(queries, k)
 
@@ -270,25 +275,25 @@ class LiveCollection:
         return _best_live(ids, scores, self.contains(ids), k)
 
     def _search_ann(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One ScaNN search over base and delta. Results this snapshot does not see (deleted, added later, a
-        base's own SOAR tombstones) are dropped: it fetches a little past k, and searches again as deep as
-        there are hidden vectors only for the queries that lost too many."""
+        """One search of the base's searcher over base and delta. Results this snapshot does not see (deleted,
+        added later, a base's own SOAR tombstones) are dropped: it fetches a little past k, and searches again as
+        deep as there are hidden vectors only for the queries that lost too many."""
         delta = self._delta
         with delta.lock:
             delta.sync()
-            hidden = len(self.base.scann.docids) - len(self)  # in the searcher, not live here
+            hidden = self.base.searcher_size - len(self)  # in the searcher, not live here
             if hidden <= 0:  # the common case: nothing to drop
-                return self.base.scann_search(queries, k)
+                return self.base.ann_search(queries, k)
             deepest = k + hidden
             # a few past k: tombstones are rare among any query's best (every extra candidate costs: at 1M, 42
             # instead of 10 took 9 % longer); a query that loses more is searched again, as deep as needed
             fetch = min(deepest, k + 8)
-            ids, scores = self.base.scann_search(queries, fetch)
+            ids, scores = self.base.ann_search(queries, fetch)
             live = self._visible(ids)
             count = live.sum(axis=1)
             short = np.flatnonzero(count < k) if fetch < deepest and ids.shape[1] == fetch else []
             if len(short):
-                deep_ids, deep_scores = self.base.scann_search(queries[short], deepest)
+                deep_ids, deep_scores = self.base.ann_search(queries[short], deepest)
                 deep_live = self._visible(deep_ids)
         out = live_first(ids, scores, live, k)
         width = min(k, int(count.min()))

@@ -27,6 +27,7 @@ from jaxmr.sharding import make_mesh
 
 AXIS = "rows"
 BUCKETS = (1, 8, 64, 256, 1024)  # query batch sizes compiled; larger batches run in pieces of the largest
+K_MIN = 16  # k is compiled as a power of two from 16: a server's pages (10, 20, ... + a few) share few programs
 COMPACT_DEAD_SHARE = 0.25
 
 
@@ -37,9 +38,12 @@ def _round_up(n: int, multiple: int) -> int:
 class MeshSearch:
     """Maximum inner product search over vectors sharded by rows on `mesh` (default: every device, one axis).
 
-    vectors float32 [N, E] with int64 ids [N] (unique). `search(queries [Q, E], k)` -> (ids int64 [Q, k'],
-    scores float32 [Q, k']), k' = min(k, live rows), best first. `recall_target` (0 < r < 1): each shard's top k
-    by `lax.approx_max_k` (exact elsewhere than on a TPU); None: exact.
+    vectors [N, E] (any float array that slices, e.g. a memory-mapped .npy: each process reads only the rows its
+    devices hold) with int64 ids [N] (unique). `search(queries [Q, E], k)` -> (ids int64 [Q, k'], scores float32
+    [Q, k']), k' = min(k, live rows), best first; in a multi-process run every process calls it with the same
+    queries and gets the same answer. `recall_target` (0 < r < 1): each shard's top k by `lax.approx_max_k`
+    (exact elsewhere than on a TPU); None: exact. `valid` bool [N]: rows that may be returned (default all; an
+    index's rows deleted in its log stay in place, unreturnable).
     """
 
     def __init__(
@@ -50,24 +54,26 @@ class MeshSearch:
         recall_target: float | None = None,
         mesh: jax.sharding.Mesh | None = None,
         max_scores: int = 1 << 24,
+        valid: np.ndarray | None = None,
     ):
-        vectors = np.asarray(vectors, np.float32)
         ids = np.asarray(ids, np.int64)
-        if vectors.ndim != 2 or len(ids) != len(vectors):
-            raise ValueError(f"vectors must be [N, E] with N ids, got {vectors.shape} and {ids.shape}")
+        if len(np.shape(vectors)) != 2 or len(ids) != len(vectors):
+            raise ValueError(f"vectors must be [N, E] with N ids, got {np.shape(vectors)} and {ids.shape}")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ids must be unique")
+        if valid is not None and np.shape(valid) != ids.shape:
+            raise ValueError(f"valid must be [N] like the ids, got {np.shape(valid)}")
         if recall_target is not None and not 0 < recall_target < 1:
             raise ValueError(f"recall_target must lie strictly between 0 and 1, got {recall_target}")
         self.mesh = mesh or make_mesh(((AXIS, -1),))
         self.devices = self.mesh.devices.size
-        self.dim, self.dtype = vectors.shape[1], jnp.dtype(dtype)
+        self.dim, self.dtype = np.shape(vectors)[1], jnp.dtype(dtype)
         self.recall_target, self.max_scores = recall_target, max_scores
         self._rows = NamedSharding(self.mesh, P(AXIS, None))
         self._mask = NamedSharding(self.mesh, P(AXIS))
         self._replicated = NamedSharding(self.mesh, P())
         self._compiled: dict[int, object] = {}
-        self._load(vectors, ids, capacity=self._capacity_for(len(ids)))
+        self._load(vectors, ids, capacity=self._capacity_for(len(ids)), live=valid)
 
     # ---- storage
 
@@ -76,18 +82,46 @@ class MeshSearch:
         or not: room doubled at the start made a search do twice the work)."""
         return _round_up(max(n + n // 8, 256 * self.devices), 256 * self.devices)
 
-    def _load(self, vectors: np.ndarray, ids: np.ndarray, capacity: int) -> None:
+    def _load(self, vectors: np.ndarray, ids: np.ndarray, capacity: int, live: np.ndarray | None = None) -> None:
+        """Puts rows [0, n) of `vectors` (any array that slices: a memory map reads only what is asked) into a
+        capacity of slots; each process reads only the rows of its own devices' shards. `live`: see `valid`."""
         n = len(ids)
-        padded = np.zeros((capacity, self.dim), np.float32)
-        padded[:n] = vectors
-        valid = np.zeros(capacity, bool)
-        valid[:n] = True
-        self.data = jax.device_put(jnp.asarray(padded, self.dtype), self._rows)
-        self.valid = jax.device_put(valid, self._mask)
+        live = np.ones(n, bool) if live is None else np.asarray(live, bool)
+        dtype = self.dtype
+
+        def rows(index: tuple[slice, ...]) -> np.ndarray:  # one shard's slots [start, stop)
+            start, stop, _ = index[0].indices(capacity)
+            out = np.zeros((stop - start, self.dim), dtype)
+            lo, hi = min(start, n), min(stop, n)
+            out[: hi - lo] = np.asarray(vectors[lo:hi], np.float32).astype(dtype)
+            self.rows_read += hi - lo
+            return out
+
+        def valid(index: tuple[slice, ...]) -> np.ndarray:
+            start, stop, _ = index[0].indices(capacity)
+            out = np.zeros(stop - start, bool)
+            lo, hi = min(start, n), min(stop, n)
+            out[: hi - lo] = live[lo:hi]
+            return out
+
+        self.rows_read = 0
+        self.data = jax.make_array_from_callback((capacity, self.dim), self._rows, rows)
+        self.valid = jax.make_array_from_callback((capacity,), self._mask, valid)
         self.ids = np.full(capacity, -1, np.int64)
-        self.ids[:n] = ids
-        self._row_of = {int(i): r for r, i in enumerate(ids)}
-        self._used, self._live = n, n
+        self.ids[:n] = np.where(live, ids, -1)
+        self._rows_by_id: dict[int, int] | None = None  # built on the first write
+        self._used, self._live = n, int(live.sum())
+
+    @property
+    def _row_of(self) -> dict[int, int]:
+        if self._rows_by_id is None:
+            self._rows_by_id = {int(i): r for r, i in enumerate(self.ids[: self._used]) if i >= 0}
+        return self._rows_by_id
+
+    @property
+    def local_rows(self) -> int:
+        """Slots held by this process's devices (capacity / processes when every process has as many)."""
+        return sum(shard.data.shape[0] for shard in self.data.addressable_shards)
 
     @property
     def capacity(self) -> int:
@@ -110,18 +144,35 @@ class MeshSearch:
         k = min(k, self._live)
         if k < 1 or len(queries) == 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        k_compiled = min(1 << (k - 1).bit_length(), self.capacity)
+        k_compiled = self._k_compiled(k)
         out_rows, out_scores = [], []
         for start in range(0, len(queries), BUCKETS[-1]):
             part = queries[start : start + BUCKETS[-1]]
             bucket = next(b for b in BUCKETS if b >= len(part))
             padded = np.zeros((bucket, self.dim), np.float32)
             padded[: len(part)] = part
-            rows, scores = self._search_fn(k_compiled)(self.data, self.valid, jax.device_put(padded, self._replicated))
+            given = jax.make_array_from_callback(padded.shape, self._replicated, padded.__getitem__)
+            rows, scores = self._search_fn(k_compiled)(self.data, self.valid, given)
             out_rows.append(np.asarray(rows)[: len(part), :k])
             out_scores.append(np.asarray(scores)[: len(part), :k])
         rows, scores = np.concatenate(out_rows), np.concatenate(out_scores)
         return self.ids[rows], scores
+
+    def _k_compiled(self, k: int) -> int:
+        return min(max(1 << (k - 1).bit_length(), K_MIN), self.capacity)
+
+    def warm_up(self, max_batch: int, max_k: int) -> None:
+        """Compiles the searches of every bucket up to `max_batch` queries and every compiled k up to `max_k`
+        (what a server may ask), so that none compiles while serving."""
+        ks = sorted({self._k_compiled(k) for k in range(1, max_k + 1)})
+        buckets = [b for b in BUCKETS if b < max_batch] + [next((b for b in BUCKETS if b >= max_batch), BUCKETS[-1])]
+        for k in ks:
+            for b in buckets:
+                self.search(np.zeros((b, self.dim), np.float32), k)
+
+    def compiled_count(self) -> int:
+        """Search programs compiled so far (a bucket, k and capacity each)."""
+        return sum(fn._cache_size() for fn in self._compiled.values())
 
     def _search_fn(self, k: int):
         """The jitted search for a compiled k (one per k; it compiles once per bucket and capacity)."""

@@ -53,7 +53,7 @@ from jaxmr.data.images import center_square, load_image
 from jaxmr.encoder import Encoder
 from jaxmr.export import ModelMismatchError
 from jaxmr.index.ann import AnnConfig, InvalidIndexError
-from jaxmr.index.collection import Collection, check_files
+from jaxmr.index.collection import BACKENDS, Collection, check_files
 from jaxmr.index.live import LiveCollection
 from jaxmr.index.wal import START, Entry, WriteAheadLog, write_log
 
@@ -190,10 +190,12 @@ def referenced_files(path: str | os.PathLike) -> set[str] | None:
             paths = dict(zip(table["id"].to_pylist(), table["path"].to_pylist(), strict=True))
             if log_path(version).exists():
                 for entry in WriteAheadLog(log_path(version), int(version.name[1:]), create=False).entries():
-                    if entry.op == "add":
-                        paths.update((row["id"], row["path"]) for row in entry.meta["images"])
-                    elif entry.op == "delete":
-                        for i in entry.arrays["image_ids"].tolist():
+                    if (write := _writes(entry, "images")) is None:
+                        continue
+                    if write[1] is not None:
+                        paths.update((row["id"], row["path"]) for row in write[2])
+                    else:
+                        for i in write[0].tolist():
                             paths.pop(i, None)
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:  # cannot tell what is referenced
             log.warning("%s: not removing unreferenced files, %s is unreadable: %s", path, version.name, e)
@@ -293,14 +295,19 @@ def check_manifest(manifest: Any, version: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_collection(version: Path, manifest: dict[str, Any], target: str) -> Collection:
+def _load_collection(version: Path, manifest: dict[str, Any], target: str, backend: str | None = None) -> Collection:
     """A version's collection, its files checked against the manifest (sizes and checksums) before use; counts
-    checked against the manifest after."""
+    checked against the manifest after. `backend`: see `Collection.using`."""
     part = manifest[target]
-    collection = Collection.load(version / target, AnnConfig.from_manifest(part["ann"]), part.get("files"))
+    ann = AnnConfig.from_manifest(part["ann"])
+    if backend == "mesh" and ann.method != "mesh":  # no ScaNN searcher to load only to replace it
+        ann = dataclasses.replace(ann, method="exact")
+    collection = Collection.load(version / target, ann, part.get("files"))
     if len(collection) != part["count"]:
         raise InvalidIndexError(f"{version / target}: {len(collection)} vectors, the manifest says {part['count']}")
-    return collection
+    if ann.method == "exact" and backend == "mesh":
+        collection.index_ann = AnnConfig.from_manifest(part["ann"])
+    return collection.using(backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +332,17 @@ def _base_state(version: Path, manifest: dict[str, Any], images: Collection, cap
                   int(manifest.get("next_caption_id", 0)))  # fmt: skip
 
 
+def _writes(entry: Entry, target: str) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]] | None:
+    """What one logged add or delete does to `target`: (ids, vectors or None for a delete, metadata rows), or None
+    when it does not touch it."""
+    ids = entry.arrays.get(f"{target[:-1]}_ids")
+    if ids is None or len(ids) == 0:
+        return None
+    if entry.op == "add":
+        return ids, entry.arrays[f"{target[:-1]}_vectors"], entry.meta[target]
+    return ids, None, []
+
+
 def _replay(state: _State, entries: list[Entry], end: int) -> _State:
     """`state` with logged writes applied: adds append to the delta, deletes become tombstones (after the adds of
     the same batch: an id is only ever deleted after it was added, and never reused)."""
@@ -337,13 +355,8 @@ def _replay(state: _State, entries: list[Entry], end: int) -> _State:
         if entry.op not in ("add", "delete"):
             raise InvalidIndexError(f"{where}: record {entry.seq} is a {entry.op!r}, not an add or a delete")
         for target in TARGETS:
-            ids = entry.arrays.get(f"{target[:-1]}_ids")
-            if ids is None or len(ids) == 0:
-                continue
-            if entry.op == "add":
-                added[target].append((ids, entry.arrays[f"{target[:-1]}_vectors"], entry.meta[target]))
-            else:
-                deleted[target].append(ids)
+            if (write := _writes(entry, target)) is not None:
+                (added if entry.op == "add" else deleted)[target].append(write if entry.op == "add" else write[0])
     collections = {"images": state.images, "captions": state.captions}
     for target in TARGETS:
         live = collections[target]
@@ -378,8 +391,12 @@ class Searcher:
     one fsynced log record and apply it; `refresh()` picks up other writers' changes.
     """
 
-    def __init__(self, path: str | os.PathLike, encoder: Encoder | None = None, load_encoder: bool = True):
+    def __init__(self, path: str | os.PathLike, encoder: Encoder | None = None, load_encoder: bool = True,
+                 backend: str | None = None):  # fmt: skip
         self.path = Path(path)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend  # None: each target's own (its manifest's ann.method)
         self._lock = threading.Lock()
         self._cleaned = False  # the first write of this Searcher removes what killed writers left
         self._state = self._load()
@@ -398,8 +415,9 @@ class Searcher:
         for _ in range(3):  # a version may be pruned between reading the link and opening it: read again
             try:
                 version, manifest = _current(self.path)
-                images = _load_collection(version, manifest, "images")
-                captions = _load_collection(version, manifest, "captions") if manifest.get("captions") else None
+                images = _load_collection(version, manifest, "images", self.backend)
+                captions = (_load_collection(version, manifest, "captions", self.backend)
+                            if manifest.get("captions") else None)  # fmt: skip
                 return self._read_log(_base_state(version, manifest, images, captions))
             except FileNotFoundError:
                 continue
@@ -462,6 +480,27 @@ class Searcher:
             "log_bytes": state.log_end if state.log is not None else 0,
             "log_writes": state.seq - int(state.manifest.get("seq", 0)), "version": int(state.manifest["version"]),
         }  # fmt: skip
+
+    def backends(self) -> dict[str, str | None]:
+        """What searches each target: "scann", "mesh" or "exact" (None: no captions)."""
+        state = self._state
+        return {"images": state.images.base.backend,
+                "captions": state.captions.base.backend if state.captions else None}  # fmt: skip
+
+    def _meshes(self) -> list[Any]:
+        state = self._state
+        bases = [c.base for c in (state.images, state.captions) if c is not None]
+        return [base.mesh for base in bases if base.mesh is not None]
+
+    def warm_up(self, max_batch: int, max_k: int) -> None:
+        """Compiles what searches of up to `max_batch` queries and `max_k` results will run (the mesh backend's
+        programs; ScaNN compiles nothing)."""
+        for mesh in self._meshes():
+            mesh.warm_up(max_batch, max_k)
+
+    def compiled_searches(self) -> int:
+        """Search programs the mesh backend holds (0 for ScaNN)."""
+        return sum(mesh.compiled_count() for mesh in self._meshes())
 
     def compaction_due(self, share: float = COMPACT_SHARE, minimum: int = COMPACT_MIN) -> bool:
         """Whether the writes over the base (added rows + tombstones, either target) reach `share` of it (and
@@ -675,6 +714,7 @@ class Searcher:
                     final = self.path / f"v{number:06d}"
                     write_log(log_path(final), number, tail, first_seq=state.seq)
                     final = _publish(self.path, tmp, manifest)
+                    images, captions = images.using(self.backend), captions and captions.using(self.backend)
                     self._state = self._read_log(_base_state(final, manifest, images, captions))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
@@ -741,16 +781,78 @@ def _log_summary(version: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         out.update(log_bytes=log_.size, torn_bytes=log_.torn_bytes, log_writes=len(entries))
         for entry in entries:
             for target in TARGETS:
-                ids = entry.arrays.get(f"{target[:-1]}_ids")
-                if ids is not None and len(ids):
+                if (write := _writes(entry, target)) is not None:
                     if out[target] is None:
                         raise InvalidIndexError(f"{path}: writes to captions in an index without captions")
-                    out[target]["delta" if entry.op == "add" else "tombstones"] += len(ids)
+                    out[target]["delta" if entry.op == "add" else "tombstones"] += len(write[0])
     for target in TARGETS:
         if out[target] is not None:
             c = out[target]
             c["count"] = c["base"] + c["delta"] - c["tombstones"]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveArrays:
+    """A target's live rows without loading the index: the base's vectors memory-mapped (a reader takes only
+    the rows it slices), the log's adds after them, and which rows a logged delete removed.
+
+    `vectors` [N, E] slices like an array (rows base then delta), `ids` int64 [N], `valid` bool [N]."""
+
+    version: Path
+    manifest: dict[str, Any]
+    vectors: Any
+    ids: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.valid.sum())
+
+
+class _Rows:
+    """Rows of a memory-mapped base followed by an in-memory delta, sliced as one [N, E] array."""
+
+    def __init__(self, base: np.ndarray, delta: np.ndarray):
+        self.base, self.delta = base, delta
+        self.shape = (len(base) + len(delta), base.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        n = len(self.base)
+        parts = [self.base[start : min(stop, n)], self.delta[max(start - n, 0) : max(stop - n, 0)]]
+        return np.concatenate([np.asarray(p, np.float32) for p in parts])
+
+
+def live_arrays(path: str | os.PathLike, target: str = "images") -> LiveArrays:
+    """The current version's `target` as `LiveArrays` (files checked by size; the log's records by checksum)."""
+    version, manifest = _current(Path(path))
+    if target not in TARGETS or not manifest.get(target):
+        raise InvalidIndexError(f"{path}: the index has no {target}")
+    part, where = manifest[target], version / target
+    check_files(where, part.get("files", {}), checksums=False)
+    try:
+        base = np.load(where / "embeddings.npy", mmap_mode="r")
+        base_ids = np.load(where / "ids.npy")
+    except (OSError, ValueError) as e:
+        raise InvalidIndexError(f"{where}: cannot read the collection ({type(e).__name__}: {e})") from None
+    dim = base.shape[1]
+    added, deleted = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    vectors = [np.zeros((0, dim), np.float32)]
+    if log_path(version).exists():
+        for entry in WriteAheadLog(log_path(version), int(manifest["version"]), create=False).entries():
+            if (write := _writes(entry, target)) is not None:
+                if write[1] is None:
+                    deleted.append(write[0])
+                else:
+                    added.append(write[0])
+                    vectors.append(np.asarray(write[1], np.float32))
+    ids = np.concatenate([base_ids.astype(np.int64), *added])
+    valid = ~np.isin(ids, np.concatenate(deleted))
+    return LiveArrays(version, manifest, _Rows(base, np.concatenate(vectors)), ids, valid)
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:

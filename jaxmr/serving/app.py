@@ -270,6 +270,7 @@ def _routes(settings: Settings) -> list:
         return {
             "images": counts["images"]["count"],
             "captions": counts["captions"]["count"] if counts["captions"] else 0,
+            "backend": engine.searcher.backends(),
             "index": {"base_version": m["version"], "writes_logged": counts["log_writes"],
                       "log_bytes": counts["log_bytes"], "images": counts["images"], "captions": counts["captions"]},
             "source": {k: m["source"].get(k) for k in ("spec", "split")}, "model": model, "version": m["version"],

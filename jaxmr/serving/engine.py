@@ -57,7 +57,7 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.searcher = Searcher(settings.index)
+        self.searcher = Searcher(settings.index, backend=settings.backend or None)
         self.searcher.clean()  # the server writes to the index: first remove what a killed writer left
         self.encoder = self.searcher.encoder
         self.ready = False
@@ -80,6 +80,9 @@ class Engine:
         self.searcher.search(z, 1)
         if self.searcher.manifest.get("captions"):
             self.searcher.search(z, 1, target="captions")
+        # the mesh backend's programs for every micro-batch size and page depth (+ 1 for "more like this",
+        # + 8 fetched past tombstones); deeper pagination (max_offset) compiles on first use
+        self.searcher.warm_up(self.settings.max_batch, self.settings.max_k + 9)
         self.compiled_after_warm_up = self.encoder.compiled_count()
         self._after_write()
 
@@ -250,6 +253,11 @@ class Engine:
                 self.metrics.index_delta.labels(target).set(counts[target]["delta"])
                 self.metrics.index_tombstones.labels(target).set(counts[target]["tombstones"])
         self.metrics.log_bytes.set(counts["log_bytes"])
+        self.metrics.backend.clear()
+        for target, backend in self.searcher.backends().items():
+            if backend is not None:
+                self.metrics.backend.labels(target, backend).set(1)
+        self.metrics.search_programs.set(self.searcher.compiled_searches())
         share = self.settings.compact_share
         if share <= 0 or (self._compactor is not None and self._compactor.is_alive()):
             return

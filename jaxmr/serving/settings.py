@@ -30,6 +30,9 @@ class Settings:
     # (`jaxmr index compact` does it on demand)
     compact_share: float = 0.1
     compact_min: int = 1000
+    # what searches: "" the index's own (its manifest's ann.method), "mesh" the devices JAX sees (jaxmr.index.mesh),
+    # "scann" ScaNN on the host (a searcher built at start for an index made for the mesh)
+    backend: str = ""
 
     def __post_init__(self) -> None:
         positive = ("port", "max_upload_bytes", "max_pixels", "max_text_chars", "max_k", "max_batch",
@@ -39,6 +42,8 @@ class Settings:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
         if self.max_offset < 0 or self.batch_window_ms < 0 or self.compact_share < 0 or self.compact_min < 0:
             raise ValueError("max_offset, batch_window_ms, compact_share and compact_min cannot be negative")
+        if self.backend not in ("", "mesh", "scann"):
+            raise ValueError(f"setting backend must be mesh or scann (or empty: the index's own), got {self.backend!r}")
         if self.port > 65535:
             raise ValueError(f"setting port must be a TCP port (1-65535), got {self.port}")
 

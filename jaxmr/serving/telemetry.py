@@ -38,6 +38,10 @@ class Metrics:
                                    registry=self.registry)  # fmt: skip
         self.compacting = Gauge("jaxmr_index_compacting", "1 while a background compaction runs",
                                 registry=self.registry)  # fmt: skip
+        self.backend = Gauge("jaxmr_search_backend", "1 for the backend that searches each target (scann, mesh, "
+                             "exact)", ["target", "backend"], registry=self.registry)  # fmt: skip
+        self.search_programs = Gauge("jaxmr_search_programs", "Search programs the mesh backend compiled (constant "
+                                     "after warm-up while its capacity holds)", registry=self.registry)  # fmt: skip
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

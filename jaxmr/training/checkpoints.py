@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +31,15 @@ class Checkpoints:
             # Replica-parallel saving splits each replicated array among its devices so that many hosts share the
             # writing; in one process it only slices (one XLA compile per array shape and device: 488 compiles,
             # 18 s of a LiT run's two saves on 8 CPU devices). orbax turns it off on GPU by itself.
-            ocp.type_handlers.register_type_handler(
-                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-            )
+            absl = logging.getLogger("absl")
+            level = absl.level
+            absl.setLevel(logging.ERROR)  # its "overriding jax.Array" warning, once per run, is ours
+            try:
+                ocp.type_handlers.register_type_handler(
+                    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+                )
+            finally:
+                absl.setLevel(level)
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], n=1,

@@ -109,7 +109,7 @@ def test_auto_config_follows_scann_advice():
         AnnConfig(method="hnsw")
 
 
-@pytest.mark.parametrize("method", ["brute_force", "ah", "tree_ah", "exact"])
+@pytest.mark.parametrize("method", ["brute_force", "ah", "tree_ah", "exact", "mesh"])
 def test_collection_add_delete_equals_fresh_build(method, tmp_path):
     """1,000 added and 100 deleted over a base: the same answers as a collection built fresh from the final
     vectors; compacted into a new base (and saved and loaded), still."""

@@ -74,3 +74,34 @@ def test_adds_deletes_and_compaction_equal_a_rebuilt_index_without_recompiling()
     grow = unit(index.capacity, 32, 3)
     index.add(np.arange(50_000, 50_000 + len(grow)), grow)
     assert index.search(grow[:5], 1)[0][:, 0].tolist() == list(range(50_000, 50_005))
+
+
+def test_an_index_built_for_the_mesh_and_a_scann_index_served_on_it(smoke_run, tmp_path):
+    """The same versioned storage serves with either backend: an index made with method=mesh records it and
+    searches on the mesh; a ScaNN index searches on the mesh when asked; writes and compaction keep each index's
+    own format and the backend asked for, with answers equal to exact search over the live rows."""
+    from jaxmr.index.ann import AnnConfig
+    from jaxmr.index.build import write_index
+    from jaxmr.index.store import Searcher, read_manifest, verify_index
+
+    base, extra, queries = unit(2000, 32, 0), unit(300, 32, 1), unit(40, 32, 2)
+    for name, ann, backend in (("mesh", AnnConfig(method="mesh", device_dtype="float32"), None),
+                               ("scann", AnnConfig(method="ah"), "mesh")):  # fmt: skip
+        out = tmp_path / name
+        write_index(out, smoke_run, base, ann=ann, dtype="float32")
+        searcher = Searcher(out, load_encoder=False, backend=backend)
+        assert searcher.backends() == {"images": "mesh", "captions": None}
+        added = searcher.add_vectors(extra)
+        searcher.delete(list(range(0, 2000, 10)) + added[::3])
+        live = searcher.collection("images")
+        for step in ("writes", "compacted"):
+            found, scores = searcher.search(queries, 10)
+            rows, want = exact_search(live.embeddings.astype(np.float32), queries, 10)
+            np.testing.assert_allclose(scores, want, rtol=1e-3, atol=1e-3)  # bfloat16 when served over ScaNN's
+            assert np.mean(found == live.ids[rows]) > 0.9 and searcher.collection("images").contains(found).all()
+            if step == "writes":
+                assert searcher.compact() is not None
+        assert searcher.backends()["images"] == "mesh"
+        assert read_manifest(out)["images"]["ann"]["method"] == ann.method  # the index's own format kept
+        verify_index(out)
+        assert Searcher(out, load_encoder=False).backends()["images"] == ("mesh" if name == "mesh" else "scann")

@@ -100,6 +100,37 @@ def test_two_process_index_build_equals_one_process_build(smoke_run, tmp_path):
     assert cli(["index", "search", str(tmp_path / "two"), "a red circle", "-k", "3"]) == 0
 
 
+def test_two_process_knn_holds_half_the_index_each_and_equals_one_process(smoke_run, tmp_path):
+    """`jaxmr index knn` as 2 processes x 4 CPU devices (gloo): each process holds and reads half of the index's
+    rows, and the pairs written equal those of one process on 8 devices."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from jaxmr.index.ann import AnnConfig
+    from jaxmr.index.build import write_index
+
+    vectors = np.random.default_rng(0).normal(size=(3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_index(tmp_path / "index", smoke_run, vectors, ann=AnnConfig(method="brute_force"), dtype="float32")
+    np.save(tmp_path / "q.npy", vectors[:200] + 0.05)
+    argv = ["index", "knn", str(tmp_path / "index"), "--queries", str(tmp_path / "q.npy"), "-k", "10", "--dtype",
+            "float32", "--batch", "64", "--json", "--no-progress"]  # fmt: skip
+    two = _together([*argv, "--out", str(tmp_path / "two.parquet")])
+    _together([*argv, "--out", str(tmp_path / "one.parquet")], processes=1, devices=8)
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out in two]
+    assert sorted(s["process"] for s in summaries) == [0, 1]
+    for s in summaries:
+        half = s["capacity"] // 2  # slots 0..half-1 on process 0's 4 devices, the rest on process 1's
+        assert s["processes"] == 2 and s["devices"] == 8 and s["rows_this_process"] == half
+        assert s["vectors_read"] == min(max(3000 - s["process"] * half, 0), half)  # its own shards' rows only
+    one, pairs = pq.read_table(tmp_path / "one.parquet"), pq.read_table(tmp_path / "two.parquet")
+    assert pairs.num_rows == one.num_rows == 2000
+    for name in ("query", "neighbor", "rank"):
+        np.testing.assert_array_equal(pairs[name].to_numpy(), one[name].to_numpy())
+    np.testing.assert_allclose(pairs["score"].to_numpy(), one["score"].to_numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_launch_flags_are_clear_errors(tmp_path, capsys):
     argv = ["train", "--config", SMOKE, "--workdir", str(tmp_path / "w"), "--no-progress"]
     assert cli([*argv, "--coordinator", "127.0.0.1:1234"]) == 2
