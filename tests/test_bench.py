@@ -55,6 +55,9 @@ def test_accelerator_suite_dry_run_writes_the_verdict(tmp_path, smoke_run):
     verdict = data["verdict"]
     assert verdict["device"] and verdict["train_over_torch"] > 0 and verdict["search_recall_1m"] >= 0.9
     assert verdict["search_p50_ms_1m"] > 0 and verdict["search_batch1024_ms_1m"] > 0 and verdict["serve_p50_ms"] > 0
+    assert verdict["mesh_p50_ms_1m"] > 0 and verdict["mesh_batch1024_ms_1m"] > 0  # the mesh backend's rows
+    mesh = [r for r in data["sections"]["search"]["records"] if r["method"].startswith("mesh")]
+    assert mesh and all(r["recall_at_10"] >= 0.9 for r in mesh)
     assert verdict["loss_max_global_batch"] == {f"{loss}/{form}": 1024 for loss in ("softmax", "sigmoid")
                                                 for form in ("naive", "ring")}  # fmt: skip
     (train,) = data["sections"]["train_jax:tiny"]["records"]
