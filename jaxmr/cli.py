@@ -274,8 +274,8 @@ def _index_knn(args: argparse.Namespace) -> None:
         return
     kept = f" scoring >= {args.threshold}" if args.threshold is not None else ""
     print(f"{args.out}: {done['pairs']} (query, neighbour) pairs{kept} for {done['queries']} queries ({what}) over "
-          f"{done['live']} {args.target}; {done['queries_per_second']:.0f} queries/s on {done['devices']} devices "
-          f"of {done['processes']} process(es)")  # fmt: skip
+          f"{done['live']} {args.target}; {done['queries_per_second']:.0f} queries/s on {done['devices']} "
+          f"device(s) of {done['processes']} process(es)")  # fmt: skip
 
 
 def _index_search(args: argparse.Namespace) -> None:
