@@ -1,7 +1,8 @@
 """Writing files so that a reader (or a resumed run) sees the old content or the new, never half of it.
 
-One helper per idea: `atomic_path` for any writer that takes a path (np.save, PIL, json), `atomic_dir` for a
-directory written whole, and `slug` for the file names made from free text (source names, splits).
+One helper per idea: `cache_dir` for derived data, `atomic_path` for any writer that takes a path (np.save,
+PIL, json), `atomic_dir` for a directory written whole, and `slug` for the file names made from free text
+(source names, splits).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    """Where generated and derived data is kept (the shapes world's renders, shard indexes): $JAXMR_CACHE, else
+    ~/.cache/jaxmr."""
+    return Path(os.environ.get("JAXMR_CACHE", "~/.cache/jaxmr")).expanduser()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

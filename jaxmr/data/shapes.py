@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 import typing
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jaxmr.data.records import DataError, Record, canonical_split
-from jaxmr.files import save_npy, write_text
+from jaxmr.files import cache_dir, save_npy, write_text
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 45, 45),
@@ -198,11 +197,6 @@ def _caption(scene: list[Obj], rng: np.random.Generator, swapped: tuple[int, int
 
 
 RENDER_VERSION = 1  # bump when rendering changes, so that cached images are not reused
-
-
-def cache_dir() -> Path:
-    """Where generated data is kept: $JAXMR_CACHE, else ~/.cache/jaxmr."""
-    return Path(os.environ.get("JAXMR_CACHE", "~/.cache/jaxmr")).expanduser()
 
 
 class ShapesSource:

@@ -7,6 +7,9 @@ coco:DIR                                                  COCO 2014/2017 layout
 tfds:NAME[:split][:data_dir=DIR]                          any prepared TFDS image-caption dataset
 images:DIR                                                a plain folder of images, no captions
 labelled:DIR                                              an ImageFolder tree (class folders), no captions
+wds:PATTERN                                               webdataset tar shards (img2dataset's output), e.g.
+                                                          /data/cc3m/{00000..00331}.tar, /data/*.tar or a folder
+parquet:PATTERN[:image=COL,caption=COL]                   parquet files with image bytes and captions
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSource, LabelledFolderSource
 from jaxmr.data.records import ConcatSource, DataError, Source, canonical_split
 from jaxmr.data.shapes import ShapesConfig, ShapesSource
+from jaxmr.data.shards import WebDatasetSource, parquet_source
 from jaxmr.data.tfds_source import TfdsSource
 from jaxmr.options import typed_options
 
@@ -72,6 +76,8 @@ SOURCES: dict[str, Callable[[str, str | None], Source]] = {
     "tfds": _tfds,
     "images": _needs_dir("images", ImageFolderSource),
     "labelled": _needs_dir("labelled", LabelledFolderSource),
+    "wds": WebDatasetSource,
+    "parquet": parquet_source,
 }
 
 

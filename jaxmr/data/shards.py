@@ -1,0 +1,382 @@
+"""Web-scale shards as random-access sources: webdataset tars (what img2dataset writes) and parquet files
+(img2dataset's parquet output, Hugging Face datasets).
+
+`wds:PATTERN` — tar shards named by brace ranges and globs (`/data/cc3m/{00000..00331}.tar`, `/data/*.tar`, or a
+directory). A sample is the tar members sharing a key (the member name up to its first dot: `00042.jpg`,
+`00042.txt`, `00042.json`); its image is the first of jpg / jpeg / png / webp, its caption the first of txt /
+caption / text (else the json's "caption"), and its json is kept as metadata. Each shard is indexed once (member
+offsets from the tar headers, no image read; cached under `jaxmr.files.cache_dir()` by path, size and mtime), so
+a record is one `pread` of the image's bytes: global shuffles, exact resume and multi-process reading work as
+they do for caption folders.
+
+`parquet:PATTERN[:image=COL,caption=COL]` — parquet files; the image column (binary bytes, or a struct with a
+`bytes` field as Hugging Face's Image feature stores it) and the caption column (a string, or a list of strings)
+are found by type and name unless given. Rows are read by row group (the last two kept per file): a shuffled
+read decodes a row group per record, so shuffle parquet by converting it (`jaxmr data convert`) or keep row
+groups small.
+
+Splits: shards carry none, so each sample goes to train / val / test by a hash of its key (90 / 5 / 5, as for a
+captions file without splits): `--split all` reads everything. Samples that cannot be used are counted by
+reason in `skipped` (a sample without an image, without a caption, a truncated shard's unreadable tail), never
+dropped silently; an image that does not decode is counted by the training pipeline like any other.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jaxmr.data.captions import hash_split
+from jaxmr.data.records import DataError, Record, canonical_split
+from jaxmr.files import cache_dir, save_npz
+from jaxmr.options import typed_options
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTS = ("txt", "caption", "text")
+INDEX_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------- patterns
+
+
+def _braces(pattern: str) -> list[str]:
+    """Brace expansion: {00000..00099} (zero padding kept) and {a,b}; nested and repeated braces expand in turn."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+    if (r := re.fullmatch(r"(\d+)\.\.(\d+)", body)) is not None:
+        lo, hi = r.group(1), r.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in _braces(head + item + tail)]
+
+
+def expand(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a pattern names: brace ranges, then globs; a directory means every file with one of `suffixes`
+    under it. Sorted, each once; DataError when it names none."""
+    if not pattern:
+        raise DataError("a shard pattern is needed, e.g. /data/shards/{00000..00099}.tar")
+    found: set[Path] = set()
+    for part in _braces(os.path.expanduser(pattern)):
+        path = Path(part)
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        elif glob.has_magic(part):
+            found.update(Path(p) for p in glob.glob(part, recursive=True) if Path(p).is_file())
+        elif path.is_file():
+            found.add(path)
+        else:
+            raise DataError(f"{part} does not exist (from the pattern {pattern!r})")
+    if not found:
+        raise DataError(f"no {' / '.join(suffixes)} files match {pattern!r}")
+    return sorted(found)
+
+
+def _cache_path(path: Path, kind: str) -> Path:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{kind}|{INDEX_VERSION}"
+    return cache_dir() / "shards" / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
+
+
+# -------------------------------------------------------------------------------------------- webdataset
+
+
+def _split_name(member: str) -> tuple[str, str]:
+    """'dir/00042.seg.png' -> ('dir/00042', 'seg.png'): webdataset's key and extension."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def index_tar(path: Path) -> dict[str, np.ndarray]:
+    """One shard's samples from its tar headers (no member data read except json captions when a sample has no
+    text): keys, the image / caption / json members' (offset, size) (-1 when absent), image extensions, and
+    `truncated` (1 when the tar ends in a damaged or cut-off member: the samples before it are kept)."""
+    samples: dict[str, dict[str, Any]] = collections.OrderedDict()
+    truncated, end = 0, path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > end:  # a header whose data the file no longer has
+                    raise tarfile.ReadError(f"{member.name} ends past the end of the file")
+                key, ext = _split_name(member.name)
+                samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        truncated = 1
+        log.warning("%s: the tar is damaged or cut off after %d samples (%s); they are kept", path, len(samples), e)
+    keys, images, captions, metas, exts = [], [], [], [], []
+    for key, members in samples.items():
+        image_ext = next((e for e in IMAGE_EXTS if e in members), "")
+        caption_ext = next((e for e in CAPTION_EXTS if e in members), "")
+        keys.append(key)
+        exts.append(image_ext)
+        images.append(members.get(image_ext, (-1, -1)))
+        captions.append(members.get(caption_ext, (-1, -1)))
+        metas.append(members.get("json", (-1, -1)))
+    shape = (len(keys), 2)
+    return {
+        "keys": np.asarray(keys, dtype=str), "image": np.asarray(images, np.int64).reshape(shape),
+        "caption": np.asarray(captions, np.int64).reshape(shape), "json": np.asarray(metas, np.int64).reshape(shape),
+        "ext": np.asarray(exts, dtype=str), "truncated": np.int64(truncated),
+    }  # fmt: skip
+
+
+def _cached_tar_index(path: Path) -> dict[str, np.ndarray]:
+    cached = _cache_path(path, "wds")
+    if cached.exists():
+        try:
+            with np.load(cached) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError):
+            pass  # a damaged cache entry: index again
+    index = index_tar(path)
+    save_npz(cached, **index)
+    return index
+
+
+class _Files:
+    """One read-only descriptor per file for the process, read with `os.pread` (safe from many threads)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self._fds, self._lock = paths, {}, threading.Lock()
+
+    def read(self, file: int, offset: int, size: int) -> bytes:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(self.paths[file], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.paths[file]}: {size} bytes at {offset} expected, {len(data)} read")
+        return data
+
+    def __getstate__(self) -> dict:  # worker processes open their own descriptors
+        return {"paths": self.paths}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["paths"])
+
+
+class WebDatasetSource:
+    """`wds:PATTERN` (see the module docstring). Record: image bytes, captions [one], id "shard/key", metadata
+    {shard, key, json}."""
+
+    def __init__(self, pattern: str, split: str | None = None):
+        self.split = canonical_split(split)
+        self.name = f"wds:{pattern}"
+        self.shards = expand(pattern, (".tar",))
+        self.skipped: collections.Counter = collections.Counter()
+        self._files = _Files(self.shards)
+        rows, self._index = [], []
+        for s, shard in enumerate(self.shards):
+            index = _cached_tar_index(shard)
+            self._index.append(index)
+            if int(index["truncated"]):
+                self.skipped["truncated shard (its tail)"] += 1
+            json_captions = {}
+            for i, key in enumerate(index["keys"]):
+                if index["image"][i, 0] < 0:
+                    self.skipped["no image"] += 1
+                    continue
+                if index["caption"][i, 0] < 0:
+                    caption = self._json_caption(s, index["json"][i])
+                    if caption is None:
+                        self.skipped["no caption"] += 1
+                        continue
+                    json_captions[i] = caption
+                if self.split is None or hash_split(str(key)) == self.split:
+                    rows.append((s, i))
+            index["json_captions"] = json_captions
+        self._rows = np.asarray(rows, np.int64).reshape(-1, 2)
+        if not len(self._rows) and not self.skipped:
+            raise DataError(f"{self.name}: no samples in the {split or 'all'} split")
+        if self.skipped:
+            log.warning("%s: skipped %s", self.name, ", ".join(f"{n} ({why})" for why, n in self.skipped.items()))
+
+    def _json_caption(self, shard: int, where: np.ndarray) -> str | None:
+        if where[0] < 0:
+            return None
+        try:
+            caption = json.loads(self._files.read(shard, int(where[0]), int(where[1]))).get("caption")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def captions(self, index: int) -> list[str]:
+        s, i = self._rows[index]
+        shard = self._index[s]
+        if i in shard["json_captions"]:
+            return [shard["json_captions"][i]]
+        offset, size = shard["caption"][i]
+        return [self._files.read(int(s), int(offset), int(size)).decode("utf-8", "replace").strip()]
+
+    def __getitem__(self, index: int) -> Record:
+        s, i = (int(v) for v in self._rows[index])
+        shard = self._index[s]
+        image = self._files.read(s, *(int(v) for v in shard["image"][i]))
+        meta: dict[str, Any] = {"shard": str(self.shards[s]), "key": str(shard["keys"][i])}
+        if shard["json"][i, 0] >= 0:
+            try:
+                meta["json"] = json.loads(self._files.read(s, *(int(v) for v in shard["json"][i])))
+            except ValueError:
+                meta["json"] = None
+        return {"image": image, "captions": self.captions(index), "id": f"{self.shards[s].name}/{shard['keys'][i]}",
+                "metadata": meta}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- parquet
+
+IMAGE_COLUMNS = ("image", "jpg", "img", "png", "webp", "image_bytes", "bytes")
+CAPTION_COLUMNS = ("caption", "text", "txt", "TEXT", "captions", "sentences", "prompt")
+KEY_COLUMNS = ("key", "id", "url", "image_id")
+
+
+def _is_image_type(kind: pa.DataType) -> bool:
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+
+
+def _is_caption_type(kind: pa.DataType) -> bool:
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    if any(f(kind) for f in strings):
+        return True
+    return pa.types.is_list(kind) and any(f(kind.value_type) for f in strings)
+
+
+def _pick(schema: pa.Schema, given: str | None, names: tuple[str, ...], fits, what: str, file: Path) -> str:
+    if given:
+        if given not in schema.names:
+            raise DataError(f"{file}: no column {given!r} (it has {', '.join(schema.names)})")
+        if not fits(schema.field(given).type):
+            raise DataError(f"{file}: column {given!r} is {schema.field(given).type}, not an {what} column")
+        return given
+    candidates = [n for n in schema.names if fits(schema.field(n).type)]
+    for name in names:
+        if name in candidates:
+            return name
+    if len(candidates) == 1:
+        return candidates[0]
+    raise DataError(f"{file}: cannot tell the {what} column among {', '.join(schema.names) or 'none'}; name it: "
+                    f"parquet:PATTERN:{what}=COLUMN")  # fmt: skip
+
+
+class ParquetSource:
+    """`parquet:PATTERN[:image=COL,caption=COL]` (see the module docstring). Record: image bytes, captions, id
+    "file:row", metadata {file, row, key}."""
+
+    def __init__(self, pattern: str, split: str | None = None, image: str | None = None, caption: str | None = None):
+        self.split = canonical_split(split)
+        self.name = f"parquet:{pattern}"
+        self.files = expand(pattern, (".parquet",))
+        self.skipped: collections.Counter = collections.Counter()
+        self._captions: list[list[str]] = []
+        rows, self._columns, self._groups = [], [], []
+        for f, path in enumerate(self.files):
+            try:
+                meta = pq.ParquetFile(path)
+            except (OSError, pa.ArrowException) as e:
+                self.skipped["unreadable file"] += 1
+                log.warning("%s: not a readable parquet file (%s)", path, e)
+                self._columns.append(None)
+                self._groups.append(np.zeros(1, np.int64))
+                continue
+            schema = meta.schema_arrow
+            image_col = _pick(schema, image, IMAGE_COLUMNS, _is_image_type, "image", path)
+            caption_col = _pick(schema, caption, CAPTION_COLUMNS, _is_caption_type, "caption", path)
+            key_col = next((n for n in KEY_COLUMNS if n in schema.names and n not in (image_col, caption_col)), None)
+            self._columns.append(image_col)
+            sizes = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self._groups.append(np.cumsum([0, *sizes]))
+            table = pq.read_table(path, columns=[caption_col, *([key_col] if key_col else [])])
+            texts = table[caption_col].to_pylist()
+            keys = table[key_col].to_pylist() if key_col else [None] * len(texts)
+            for r, (text, key) in enumerate(zip(texts, keys, strict=True)):
+                found = [t.strip() for t in ([text] if isinstance(text, str) else text or []) if t and t.strip()]
+                if not found:
+                    self.skipped["no caption"] += 1
+                    continue
+                if self.split is None or hash_split(str(key) if key is not None else f"{path.name}:{r}") == self.split:
+                    rows.append((f, r, len(self._captions)))
+                    self._captions.append(found)
+        self._rows = np.asarray(rows, np.int64).reshape(-1, 3)
+        self._cache: dict[int, collections.OrderedDict] = collections.defaultdict(collections.OrderedDict)
+        self._lock = threading.Lock()
+        if not len(self._rows) and not self.skipped:
+            raise DataError(f"{self.name}: no rows in the {split or 'all'} split")
+        if self.skipped:
+            log.warning("%s: skipped %s", self.name, ", ".join(f"{n} ({why})" for why, n in self.skipped.items()))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def captions(self, index: int) -> list[str]:
+        return list(self._captions[int(self._rows[index][2])])
+
+    def _group(self, f: int, g: int) -> list[Any]:
+        """The image column of row group g of file f (the last two read are kept)."""
+        with self._lock:
+            cached = self._cache[f].get(g)
+        if cached is not None:
+            return cached
+        column = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[self._columns[f]]).column(0).to_pylist()
+        with self._lock:
+            self._cache[f][g] = column
+            while len(self._cache[f]) > 2:
+                self._cache[f].popitem(last=False)
+        return column
+
+    def __getitem__(self, index: int) -> Record:
+        f, r, _ = (int(v) for v in self._rows[index])
+        g = int(np.searchsorted(self._groups[f], r, side="right")) - 1
+        value = self._group(f, g)[r - int(self._groups[f][g])]
+        image = value.get("bytes") if isinstance(value, dict) else value
+        meta = {"file": str(self.files[f]), "row": r}
+        # no bytes (a null, or a Hugging Face image stored by path only): an unreadable image, counted by the
+        # pipeline
+        return {"image": image if image else b"", "captions": self.captions(index), "id": f"{self.files[f].name}:{r}",
+                "metadata": meta}  # fmt: skip
+
+    def __getstate__(self) -> dict:  # worker processes keep their own row-group cache
+        state = dict(self.__dict__)
+        state.pop("_cache"), state.pop("_lock")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache = collections.defaultdict(collections.OrderedDict)
+        self._lock = threading.Lock()
+
+
+def parquet_source(arg: str, split: str | None) -> ParquetSource:
+    """`parquet:PATTERN[:image=COL,caption=COL]`"""
+    pattern, options = arg, ""
+    head, sep, tail = arg.rpartition(":")
+    if sep and re.fullmatch(r"\s*(image|caption)=[^,]*(,\s*(image|caption)=[^,]*)*\s*", tail):
+        pattern, options = head, tail
+    chosen = typed_options(options, {"image": str, "caption": str}, "parquet", DataError)
+    return ParquetSource(pattern, split, image=chosen.get("image"), caption=chosen.get("caption"))

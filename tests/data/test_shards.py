@@ -1,0 +1,180 @@
+"""Web-scale shards: webdataset tars and parquet files written here (with broken samples), read as sources;
+samples that cannot be used are counted by reason; the training pipeline reads every good sample once per
+epoch across 2 processes and resumes at exactly the next batch."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jaxmr.cli import main
+from jaxmr.data import DataError, caption_table, parse_source
+from jaxmr.data.shards import expand
+from jaxmr.data.train_batches import PipelineConfig, train_iterator
+from jaxmr.text import train_bpe
+
+COLOURS = ["red", "green", "blue", "white", "yellow", "purple"]
+
+
+def jpeg(value: int) -> bytes:
+    pixels = np.full((24, 32, 3), value, np.uint8)
+    pixels[:, :16, 1] = 255 - value
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, shards: int = 3, per_shard: int = 20) -> dict:
+    """img2dataset-like shards 00000.tar ...: jpg + txt + json per sample; in shard 0 one sample whose jpg does
+    not decode, one with its caption only in the json, one with no caption, one with no image; the last shard
+    cut off in the middle of a member. Returns what a reader should find."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good, n = [], 0
+    for s in range(shards):
+        path = folder / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                caption = f"a {COLOURS[n % 6]} square number {n}"
+                meta = {"url": f"http://example.com/{key}.jpg", "width": 32}
+                if s == 0 and i == 1:
+                    add(tar, f"{key}.jpg", b"not a jpeg at all")
+                    add(tar, f"{key}.txt", caption.encode())
+                    good.append((key, caption, False))  # read, then counted as unreadable by the pipeline
+                elif s == 0 and i == 2:
+                    add(tar, f"{key}.jpg", jpeg(n))
+                    add(tar, f"{key}.json", json.dumps({**meta, "caption": caption}).encode())
+                    good.append((key, caption, True))
+                elif s == 0 and i == 3:
+                    add(tar, f"{key}.jpg", jpeg(n))  # no caption anywhere
+                elif s == 0 and i == 4:
+                    add(tar, f"{key}.txt", caption.encode())  # no image
+                else:
+                    add(tar, f"{key}.jpg", jpeg(n))
+                    add(tar, f"{key}.txt", caption.encode())
+                    add(tar, f"{key}.json", json.dumps(meta).encode())
+                    good.append((key, caption, True))
+                n += 1
+    last = folder / f"{shards - 1:05d}.tar"
+    data = last.read_bytes()
+    with tarfile.open(last) as tar:
+        members = tar.getmembers()
+    assert members[-3].name.endswith(".jpg")
+    last.write_bytes(data[: members[-3].offset_data + 10])  # cut inside the last sample's jpg
+    cut = members[-3].name.split(".")[0]
+    return {"good": [g for g in good if g[0] != cut], "cut_sample": cut}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wds")
+    return folder, write_shards(folder)
+
+
+def test_patterns_expand_braces_globs_and_folders(shards, tmp_path):
+    folder, _ = shards
+    assert [p.name for p in expand(f"{folder}/{{00000..00002}}.tar", (".tar",))] == [
+        "00000.tar", "00001.tar", "00002.tar"]  # fmt: skip
+    assert len(expand(f"{folder}/0000[01].tar", (".tar",))) == 2 and len(expand(str(folder), (".tar",))) == 3
+    assert len(expand(f"{folder}/{{00000,00002}}.tar", (".tar",))) == 2
+    with pytest.raises(DataError, match="00003.tar does not exist"):
+        expand(f"{folder}/{{00000..00009}}.tar", (".tar",))
+    with pytest.raises(DataError, match="no .tar files match"):
+        expand(str(tmp_path), (".tar",))
+
+
+def test_webdataset_shards_read_as_a_source_and_broken_samples_are_counted(shards):
+    folder, want = shards
+    source = parse_source(f"wds:{folder}/{{00000..00002}}.tar", "all")
+    keys = [source[i]["metadata"]["key"] for i in range(len(source))]
+    cut = want["cut_sample"]
+    expected = [k for k, _, _ in want["good"] if k != cut]
+    assert keys == expected  # every usable sample once, in shard order
+    assert dict(source.skipped) == {"no caption": 1, "no image": 1, "truncated shard (its tail)": 1}
+    captions = dict((k, c) for k, c, _ in want["good"])
+    assert all(source.captions(i) == [captions[k]] for i, k in enumerate(keys))  # json captions too
+    record = source[keys.index("000000005")]
+    assert Image.open(io.BytesIO(record["image"])).size == (32, 24)
+    assert record["metadata"]["json"]["url"].endswith("000000005.jpg") and record["id"] == "00000.tar/000000005"
+    splits = [parse_source(f"wds:{folder}", s) for s in ("train", "val", "test")]
+    assert sum(len(s) for s in splits) == len(source) and len(splits[0]) > len(splits[1])  # 90 / 5 / 5 by key
+    again = parse_source(f"wds:{folder}", "all")  # the shard indexes come from the cache now
+    assert [again[i]["metadata"]["key"] for i in range(len(again))] == keys
+
+
+def test_two_processes_read_every_good_sample_once_per_epoch_and_resume_exactly(shards):
+    folder, want = shards
+    source = parse_source(f"wds:{folder}", "all")
+    tokenizer = train_bpe(caption_table(source)[0], vocab_size=200, max_len=16)
+    config = PipelineConfig(batch_size=8, image_size=16, num_epochs=1, seed=3)
+    parts, skipped = [], 0
+    for p in (0, 1):
+        iterator = train_iterator(source, tokenizer, config, process_index=p, process_count=2)
+        parts.append([int(i) for batch in iterator for i in batch["index"]])
+        skipped += iterator.stats["skipped_images"]
+        iterator.close()
+    seen = parts[0] + parts[1]
+    bad = next(i for i in range(len(source)) if source[i]["metadata"]["key"] == "000000001")
+    assert len(set(seen)) == len(seen) and not set(parts[0]) & set(parts[1]) and bad not in seen
+    # the epoch's whole global batches (56 of 57 samples), each process reading its 4 rows of each; the process
+    # that met the bad jpg fills its batches from its next rows, so its last 3 readable rows make no whole batch
+    whole = len(source) // 8 * 8
+    assert (skipped, len(seen)) in ((1, whole - 4), (0, whole))  # (0, 56): the bad one was the row left out
+
+    one = train_iterator(source, tokenizer, PipelineConfig(batch_size=8, image_size=16, seed=3))
+    for _ in range(2):
+        next(one)
+    state = one.get_state()
+    expected = next(one)
+    one.close()
+    resumed = train_iterator(source, tokenizer, PipelineConfig(batch_size=8, image_size=16, seed=3))
+    resumed.set_state(state)
+    got = next(resumed)
+    resumed.close()
+    for key in ("image", "text", "index"):
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def write_parquet(folder):
+    """A Hugging Face-style file (image struct, caption, key; two row groups; a null image and an empty
+    caption) and an img2dataset-style one (jpg bytes, text)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [{"bytes": jpeg(i), "path": None} for i in range(10)]
+    images[3] = None
+    captions = [f"a {COLOURS[i % 6]} square {i}" for i in range(10)]
+    captions[7] = ""
+    table = pa.table({"image": images, "caption": captions, "key": [f"k{i}" for i in range(10)]})
+    pq.write_table(table, folder / "hf.parquet", row_group_size=4)
+    other = pa.table({"jpg": [jpeg(50 + i) for i in range(5)], "text": [f"photo {i}" for i in range(5)],
+                      "width": [32] * 5})  # fmt: skip
+    pq.write_table(other, folder / "img2dataset.parquet")
+
+
+def test_parquet_files_read_as_a_source_with_columns_found_or_named(tmp_path, capsys):
+    write_parquet(tmp_path / "pq")
+    source = parse_source(f"parquet:{tmp_path / 'pq' / 'hf.parquet'}", "all")
+    assert len(source) == 9 and dict(source.skipped) == {"no caption": 1}
+    assert source.captions(0) == ["a red square 0"] and source[5]["id"] == "hf.parquet:5"
+    assert Image.open(io.BytesIO(source[8]["image"])).size == (32, 24)  # row 8: the third row group
+    assert source[3]["image"] == b""  # no bytes: an unreadable image for the pipeline to count
+    both = parse_source(f"parquet:{tmp_path / 'pq'}", "all")
+    assert len(both) == 14 and both.captions(13) == ["photo 4"]
+    named = parse_source(f"parquet:{tmp_path / 'pq' / 'img2dataset.parquet'}:image=jpg,caption=text", "all")
+    assert len(named) == 5
+    with pytest.raises(DataError, match="no column 'picture'"):
+        parse_source(f"parquet:{tmp_path / 'pq' / 'hf.parquet'}:image=picture", "all")
+    with pytest.raises(DataError, match="not an caption column|not an image column"):
+        parse_source(f"parquet:{tmp_path / 'pq' / 'hf.parquet'}:image=caption", "all")
+    assert main(["data", "info", f"parquet:{tmp_path / 'pq'}", "--split", "all"]) == 0
+    assert "14" in capsys.readouterr().out
