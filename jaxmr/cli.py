@@ -22,8 +22,10 @@ from jaxmr import distributed
 from jaxmr.config import ComposedConfig, apply_overrides, load_config_file
 from jaxmr.data.records import DataError
 
-SPEC_HELP = ("source spec: shapes[:n=10000,size=64,seed=0], captions:DIR, coco:DIR, tfds:NAME[:split], images:DIR, "
-             "wds:PATTERN (tar shards), parquet:PATTERN[:image=COL,caption=COL]")
+SPEC_HELP = (
+    "source spec: shapes[:n=10000,size=64,seed=0], captions:DIR, coco:DIR, tfds:NAME[:split], images:DIR, "
+    "wds:PATTERN (tar shards), parquet:PATTERN[:image=COL,caption=COL]"
+)
 
 
 def _data_info(args: argparse.Namespace) -> None:

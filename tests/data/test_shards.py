@@ -88,9 +88,9 @@ def test_patterns_expand_braces_globs_and_folders(shards, tmp_path):
         "00000.tar", "00001.tar", "00002.tar"]  # fmt: skip
     assert len(expand(f"{folder}/0000[01].tar", (".tar",))) == 2 and len(expand(str(folder), (".tar",))) == 3
     assert len(expand(f"{folder}/{{00000,00002}}.tar", (".tar",))) == 2
-    with pytest.raises(DataError, match="00003.tar does not exist"):
+    with pytest.raises(DataError, match=r"00003\.tar does not exist"):
         expand(f"{folder}/{{00000..00009}}.tar", (".tar",))
-    with pytest.raises(DataError, match="no .tar files match"):
+    with pytest.raises(DataError, match=r"no \.tar files match"):
         expand(str(tmp_path), (".tar",))
 
 
@@ -114,7 +114,7 @@ def test_webdataset_shards_read_as_a_source_and_broken_samples_are_counted(shard
 
 
 def test_two_processes_read_every_good_sample_once_per_epoch_and_resume_exactly(shards):
-    folder, want = shards
+    folder, _ = shards
     source = parse_source(f"wds:{folder}", "all")
     tokenizer = train_bpe(caption_table(source)[0], vocab_size=200, max_len=16)
     config = PipelineConfig(batch_size=8, image_size=16, num_epochs=1, seed=3)
@@ -174,7 +174,7 @@ def test_parquet_files_read_as_a_source_with_columns_found_or_named(tmp_path, ca
     assert len(named) == 5
     with pytest.raises(DataError, match="no column 'picture'"):
         parse_source(f"parquet:{tmp_path / 'pq' / 'hf.parquet'}:image=picture", "all")
-    with pytest.raises(DataError, match="not an caption column|not an image column"):
+    with pytest.raises(DataError, match="not an image column"):
         parse_source(f"parquet:{tmp_path / 'pq' / 'hf.parquet'}:image=caption", "all")
     assert main(["data", "info", f"parquet:{tmp_path / 'pq'}", "--split", "all"]) == 0
     assert "14" in capsys.readouterr().out
