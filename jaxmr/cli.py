@@ -58,6 +58,18 @@ def _data_preview(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({count} images from {source.name})")
 
 
+def _data_convert(args: argparse.Namespace) -> None:
+    from jaxmr.data.convert import convert_to_arrayrecord
+
+    m = convert_to_arrayrecord(args.source, args.out, shards=args.shards, workers=args.workers,
+                               max_side=args.max_side, split=args.split, progress=not args.no_progress)  # fmt: skip
+    records = sum(s["records"] for s in m["splits"].values())
+    skipped = ", ".join(f"{n} {why}" for why, n in m["skipped"].items()) or "none"
+    splits = ", ".join(f"{name} {s['records']} in {len(s['shards'])} shards" for name, s in m["splits"].items())
+    print(f"{args.out}: {records} records ({splits}); skipped: {skipped}; {m['seconds']:.1f} s. Train on it with "
+          f"--set data.source=arrayrecord:{args.out}")  # fmt: skip
+
+
 def _data_to_tfds(args: argparse.Namespace) -> None:
     from jaxmr.data.convert import build_caption_folder
 
@@ -391,7 +403,16 @@ def _parser() -> argparse.ArgumentParser:
     info = add("info", _data_info, "print a source's size, splits and one record", data_commands)
     preview = add("preview", _data_preview, "save a grid of images with their first caption", data_commands)
     to_tfds = add("to-tfds", _data_to_tfds, "convert a caption folder to a TFDS ArrayRecord dataset", data_commands)
-    for sub in (info, preview, to_tfds):
+    convert = add("convert", _data_convert, "convert any source (wds:, parquet:, a caption folder ...) to "
+                  "ArrayRecord shards, resumable and in parallel; read back as arrayrecord:DIR",
+                  data_commands)  # fmt: skip
+    convert.add_argument("--out", required=True, help="directory to write the shards and manifest.json into")
+    convert.add_argument("--shards", type=_positive, default=None, help="shards in all (default: 4,096 records each)")
+    convert.add_argument("--workers", type=_positive, default=1, help="processes converting shards at once")
+    convert.add_argument("--max-side", type=_positive, default=384, help="longer side of the stored images")
+    convert.add_argument("--split", default="all", help="train | val (= dev) | test | all (each kept as itself)")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for sub in (info, preview, to_tfds, convert):
         sub.add_argument("source", help=SPEC_HELP)
     for sub in (info, preview):
         sub.add_argument("--split", default="train", help="train | val (= dev) | test | all")

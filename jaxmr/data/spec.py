@@ -10,12 +10,14 @@ labelled:DIR                                              an ImageFolder tree (c
 wds:PATTERN                                               webdataset tar shards (img2dataset's output), e.g.
                                                           /data/cc3m/{00000..00331}.tar, /data/*.tar or a folder
 parquet:PATTERN[:image=COL,caption=COL]                   parquet files with image bytes and captions
+arrayrecord:DIR                                           what `jaxmr data convert` writes (ArrayRecord shards)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from jaxmr.data.arrayrecord import ArrayRecordSource
 from jaxmr.data.captions import CaptionFolderSource, CocoSource, ImageFolderSource, LabelledFolderSource
 from jaxmr.data.records import ConcatSource, DataError, Source, canonical_split
 from jaxmr.data.shapes import ShapesConfig, ShapesSource
@@ -78,6 +80,7 @@ SOURCES: dict[str, Callable[[str, str | None], Source]] = {
     "labelled": _needs_dir("labelled", LabelledFolderSource),
     "wds": WebDatasetSource,
     "parquet": parquet_source,
+    "arrayrecord": _needs_dir("arrayrecord", ArrayRecordSource),
 }
 
 

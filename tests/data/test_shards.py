@@ -178,3 +178,60 @@ def test_parquet_files_read_as_a_source_with_columns_found_or_named(tmp_path, ca
         parse_source(f"parquet:{tmp_path / 'pq' / 'hf.parquet'}:image=caption", "all")
     assert main(["data", "info", f"parquet:{tmp_path / 'pq'}", "--split", "all"]) == 0
     assert "14" in capsys.readouterr().out
+
+
+def test_conversion_to_arrayrecord_reads_back_and_counts_what_it_skipped(shards, tmp_path, capsys):
+    folder, _ = shards
+    spec = f"wds:{folder}"
+    assert main(["data", "convert", spec, "--out", str(tmp_path / "ar"), "--shards", "4", "--no-progress"]) == 0
+    assert "skipped: 1 no caption, 1 no image, 1 truncated shard (its tail), 1 undecodable image" in (
+        capsys.readouterr().out)  # fmt: skip
+    manifest = json.loads((tmp_path / "ar" / "manifest.json").read_text())
+    converted, original = parse_source(f"arrayrecord:{tmp_path / 'ar'}", "all"), parse_source(spec, "all")
+    assert len(converted) == len(original) - 1 == sum(s["records"] for s in manifest["splits"].values())
+    for split in ("train", "val", "test"):  # each split kept as itself
+        assert len(parse_source(f"arrayrecord:{tmp_path / 'ar'}", split)) == len(parse_source(spec, split)) - (
+            split == "train" and any(k == "000000001" for k in _keys(parse_source(spec, split))))  # fmt: skip
+    by_id = {original[i]["id"]: original[i] for i in range(len(original))}
+    for i in range(len(converted)):
+        record = converted[i]
+        assert record["image"] == by_id[record["id"]]["image"]  # small JPEGs are stored as they were
+        assert record["captions"] == by_id[record["id"]]["captions"] == converted.captions(i)
+
+
+def _keys(source):
+    return [source[i]["metadata"]["key"] for i in range(len(source))]
+
+
+def test_conversion_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    spec = "shapes:n=300,size=48,n_val=30,n_test=30"
+    argv = ["data", "convert", spec, "--shards", "8", "--max-side", "32", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    slow = ("import time, sys; import jaxmr.data.convert as c; encoded = c._encoded; "
+            "c._encoded = lambda *a: (time.sleep(0.01), encoded(*a))[1]; from jaxmr.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    out = tmp_path / "resumed"
+    process = subprocess.Popen([sys.executable, "-c", slow, *argv, "--out", str(out)], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.done.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list(out.glob("*.done.json")))
+    assert 1 <= done < 10 and not (out / "manifest.json").exists()  # killed part of the way through
+    assert main([*argv, "--out", str(out)]) == 0
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names  # nothing left of the killed run's writing
+    for name in names:
+        if name != "manifest.json":
+            assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    whole, resumed = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "whole", out))
+    assert {k: v for k, v in whole.items() if k != "seconds"} == {k: v for k, v in resumed.items() if k != "seconds"}
