@@ -34,6 +34,9 @@ class DataConfig:
     tokenizer: str = "bpe"  # "bpe" (learned from the training captions) or "wordpiece" (MiniLM's vocabulary)
     vocab_size: int = 1024  # for "bpe"
     max_len: int = 32
+    # wds: / parquet: sources: stream each process's shards through a shuffle buffer of this many samples instead
+    # of reading them at random (jaxmr.data.stream; for shards too many to index); 0: random access
+    stream_buffer: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

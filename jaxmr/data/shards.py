@@ -372,11 +372,17 @@ class ParquetSource:
         self._lock = threading.Lock()
 
 
-def parquet_source(arg: str, split: str | None) -> ParquetSource:
-    """`parquet:PATTERN[:image=COL,caption=COL]`"""
+def parquet_arg(arg: str) -> tuple[str, str | None, str | None]:
+    """`PATTERN[:image=COL,caption=COL]` -> (pattern, image column, caption column)."""
     pattern, options = arg, ""
     head, sep, tail = arg.rpartition(":")
     if sep and re.fullmatch(r"\s*(image|caption)=[^,]*(,\s*(image|caption)=[^,]*)*\s*", tail):
         pattern, options = head, tail
     chosen = typed_options(options, {"image": str, "caption": str}, "parquet", DataError)
-    return ParquetSource(pattern, split, image=chosen.get("image"), caption=chosen.get("caption"))
+    return pattern, chosen.get("image"), chosen.get("caption")
+
+
+def parquet_source(arg: str, split: str | None) -> ParquetSource:
+    """`parquet:PATTERN[:image=COL,caption=COL]`"""
+    pattern, image, caption = parquet_arg(arg)
+    return ParquetSource(pattern, split, image=image, caption=caption)

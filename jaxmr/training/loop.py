@@ -15,6 +15,7 @@ from tqdm import tqdm
 from jaxmr import distributed
 from jaxmr.config import DataConfig, TrainConfig, claim_workdir
 from jaxmr.data import DataError, Source, caption_table, parse_source
+from jaxmr.data.stream import CaptionSample, StreamConfig, StreamIterator, stream_units
 from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.models import model_graph
 from jaxmr.sharding import batch_axes, make_mesh
@@ -103,11 +104,19 @@ class _Stop:
 def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = None, progress: bool = True) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics (empty if none ran)."""
 
+    streaming = config.data.stream_buffer > 0
+    if streaming and (config.cached_features or config.captions_per_image > 1):  # config errors, said before
+        raise ValueError("data.stream_buffer > 0 streams one caption per image; cached_features and "
+                         "captions_per_image > 1 read the data at random (set data.stream_buffer=0)")  # fmt: skip
     if config.cached_features:  # a config error: said before the workdir is claimed and the towers' weights load
         check_towers_frozen(config, jax.tree.leaves(param_paths(model_graph(config.model)[1])))
     workdir = claim_workdir(config, workdir, write=distributed.is_primary())
     mesh = make_mesh(config.mesh)
-    source = parse_source(config.data.source, config.data.train_split)
+    if streaming:  # no index of every shard: the tokenizer learns from the first captions of the stream
+        units = stream_units(config.data.source)
+        source = CaptionSample(units) if not (workdir / "tokenizer").exists() else None
+    else:
+        source = parse_source(config.data.source, config.data.train_split)
     tokenizer = build_tokenizer(config.data, source, workdir, config.init_from)
     check_compatible(config, tokenizer)
     trainable = build(config, mesh)
@@ -120,6 +129,13 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     if config.cached_features:
         iterator, features = cached_training(config, trainable, state.params, tokenizer, workdir, progress)
         first_embedder = features.with_params
+    elif streaming:
+        stream = StreamConfig(batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
+                              crop_scale=config.data.crop_scale, buffer=config.data.stream_buffer,
+                              read_threads=max(config.data.read_threads, 1))  # fmt: skip
+        index, count = distributed.share()
+        iterator = StreamIterator(units, tokenizer, stream, index, count, mesh=mesh, data_axes=batch_axes(mesh))
+        first_embedder = None
     else:
         pipeline = PipelineConfig(
             batch_size=config.batch_size // config.captions_per_image, image_size=config.data.image_size,

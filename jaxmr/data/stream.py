@@ -1,0 +1,305 @@
+"""Streaming over shards too large to index or convert: each process reads its own shards in order through a
+shuffle buffer, epoch after epoch, and resumes at exactly the next batch.
+
+Units are a tar shard (`wds:`) or a parquet row group (`parquet:`). Epoch e visits every unit once, in an order
+drawn from (seed, e); process p of P takes units p, p + P, ... of that order, so the processes read disjoint
+units and together every sample once per epoch. Samples go through a shuffle buffer (`buffer` samples; each new
+one replaces a randomly drawn one, which is emitted). The state — epoch, unit and position in it (a tar
+header's byte offset, a row), the buffer's samples as (unit, position) references, the buffer RNG's state, the
+counts — is a small dict saved in the checkpoint: a restart re-reads the buffered samples by reference and
+continues with the identical next batch. Augmentation is keyed by (seed, epoch, unit, position), not by order.
+
+Unlike `wds:` as a random-access source this reads no shard before it needs it (no index of every shard up
+front) and reads each shard front to back; the price is a local shuffle (the buffer) instead of a global one.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from jaxmr.data.images import ImageReadError, decode
+from jaxmr.data.records import DataError
+from jaxmr.data.shards import (
+    CAPTION_EXTS,
+    IMAGE_EXTS,
+    _is_caption_type,
+    _is_image_type,
+    _pick,
+    _split_name,
+    expand,
+    parquet_arg,
+)  # fmt: skip
+from jaxmr.sharding import data_sharding, to_global
+from jaxmr.text import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int = 256  # global, over all processes
+    image_size: int = 64
+    seed: int = 0
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    buffer: int = 1000  # shuffle buffer, samples per process
+    num_epochs: int | None = None  # None: forever
+    read_threads: int = 4  # decoding threads per process
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.image_size < 1 or self.buffer < 1 or self.read_threads < 1:
+            raise ValueError("batch_size, image_size, buffer and read_threads must be positive")
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+class TarUnits:
+    """Tar shards as units; a position is the byte offset of a sample's first tar header."""
+
+    def __init__(self, pattern: str):
+        self.paths = expand(pattern, (".tar",))
+        self.name = f"wds:{pattern}"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_from(self, unit: int, position: int) -> Iterator[tuple[int, int, dict[str, Any] | str]]:
+        """(position, the next sample's position, the sample or the reason it is unusable) for each sample from
+        `position` on; a damaged or cut-off tail is one last "truncated shard" item."""
+        with open(self.paths[unit], "rb") as f:
+            f.seek(position)
+            members: dict[str, bytes] = {}
+            key, start = None, position
+            try:
+                tar = tarfile.TarFile(fileobj=f, mode="r")  # continues from the file's position
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name, ext = _split_name(member.name)
+                    if key is not None and name != key:
+                        yield start, member.offset, _sample(members, key)
+                        members, start = {}, member.offset
+                    key = name
+                    members[ext] = tar.extractfile(member).read()
+                end = tar.offset  # past the last member: resuming there reads nothing more
+            except (tarfile.TarError, OSError, EOFError) as e:
+                log.warning("%s: damaged or cut off after offset %d (%s): the rest of it is skipped", self.paths[unit],
+                            start, e)  # fmt: skip
+                yield start, f.seek(0, 2), "truncated shard (its tail)"
+                return
+            if key is not None:
+                yield start, end, _sample(members, key)
+
+    def read_at(self, unit: int, position: int) -> dict[str, Any] | str:
+        return next(self.read_from(unit, position))[2]
+
+
+def _sample(members: dict[str, bytes], key: str) -> dict[str, Any] | str:
+    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    caption = next((members[e].decode("utf-8", "replace").strip() for e in CAPTION_EXTS if e in members), None)
+    if caption is None and "json" in members:
+        try:
+            caption = (json.loads(members["json"]).get("caption") or "").strip() or None
+        except (ValueError, AttributeError):
+            caption = None
+    if image is None:
+        return "no image"
+    if not caption:
+        return "no caption"
+    return {"image": image, "captions": [caption], "key": key}
+
+
+class ParquetUnits:
+    """Parquet row groups as units; a position is a row of the group."""
+
+    def __init__(self, pattern: str, image: str | None = None, caption: str | None = None):
+        self.files = expand(pattern, (".parquet",))
+        self.name = f"parquet:{pattern}"
+        self.units, self.columns = [], []
+        for f, path in enumerate(self.files):
+            meta = pq.ParquetFile(path)
+            schema = meta.schema_arrow
+            self.columns.append((_pick(schema, image, ("image", "jpg", "img"), _is_image_type, "image", path),
+                                 _pick(schema, caption, ("caption", "text", "captions"), _is_caption_type, "caption",
+                                       path)))  # fmt: skip
+            self.units += [(f, g) for g in range(meta.num_row_groups)]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def read_from(self, unit: int, position: int) -> Iterator[tuple[int, int, dict[str, Any] | str]]:
+        f, g = self.units[unit]
+        image_col, caption_col = self.columns[f]
+        table = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[image_col, caption_col])
+        images, texts = table[image_col].to_pylist(), table[caption_col].to_pylist()
+        for r in range(position, len(images)):
+            value, text = images[r], texts[r]
+            image = value.get("bytes") if isinstance(value, dict) else value
+            found = [t.strip() for t in ([text] if isinstance(text, str) else text or []) if t and t.strip()]
+            yield r, r + 1, ({"image": image, "captions": found, "key": f"{f}:{g}:{r}"} if image and found else
+                             "no image" if not image else "no caption")  # fmt: skip
+
+    def read_at(self, unit: int, position: int) -> dict[str, Any] | str:
+        return next(self.read_from(unit, position))[2]
+
+
+def stream_units(spec: str) -> TarUnits | ParquetUnits:
+    """The units of a `wds:` or `parquet:` spec (DataError for any other kind)."""
+    kind, _, arg = spec.strip().partition(":")
+    if kind == "wds":
+        return TarUnits(arg)
+    if kind == "parquet":
+        return ParquetUnits(*parquet_arg(arg))
+    raise DataError(f"streaming reads wds: or parquet: shards, not {spec!r}")
+
+
+class CaptionSample:
+    """The first `n` captions of a stream's units in order, as a source of captions only (what a BPE tokenizer
+    learns from without reading every shard)."""
+
+    def __init__(self, units, n: int = 100_000):
+        self.name, self.split, self._captions = units.name, "train", []
+        for unit in range(len(units)):
+            for _, _, sample in units.read_from(unit, 0):
+                if not isinstance(sample, str):
+                    self._captions.append(sample["captions"])
+                if len(self._captions) >= n:
+                    return
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def captions(self, index: int) -> list[str]:
+        return list(self._captions[index])
+
+
+# ------------------------------------------------------------------------------------------- the stream
+
+
+class StreamIterator:
+    """Training batches streamed from shard units (see the module docstring): `next()` gives image uint8
+    [B, S, S, 3], text int32 [B, L], index int32 [B] (the sample's unit * 2^20 + its ordinal in the unit, for
+    checks) — global arrays with a mesh. `get_state` / `set_state` resume at exactly the next batch."""
+
+    def __init__(self, units, tokenizer: Tokenizer, config: StreamConfig, process_index: int = 0,
+                 process_count: int = 1, mesh=None, data_axes="data"):  # fmt: skip
+        if config.batch_size % process_count:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
+        if len(units) < process_count:
+            raise DataError(f"{units.name}: {len(units)} units cannot give each of {process_count} processes one")
+        self.units, self.tokenizer, self.config = units, tokenizer, config
+        self.process, self.processes = process_index, process_count
+        self.local_batch = config.batch_size // process_count
+        self._sharding = data_sharding(mesh, data_axes) if mesh is not None else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(config.read_threads)
+        self.skipped: collections.Counter = collections.Counter()
+        self._start({"epoch": 0, "unit": 0, "position": 0, "ordinal": 0, "buffer": [], "rng": None})
+
+    # ---- where it is
+
+    def _order(self, epoch: int) -> list[int]:
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.units))
+        return [int(u) for u in order[self.process :: self.processes]]
+
+    def _start(self, state: dict[str, Any]) -> None:
+        self.epoch, self.unit, self.position, self.ordinal = (int(state[k]) for k in ("epoch", "unit", "position",
+                                                                                      "ordinal"))  # fmt: skip
+        self.rng = np.random.default_rng([self.config.seed, 1_000_003, self.process])
+        if state["rng"] is not None:
+            self.rng.bit_generator.state = state["rng"]
+        # buffered samples: (unit, position, ordinal, epoch) and the sample itself, re-read after a restart
+        self.buffer = [(tuple(ref), self.units.read_at(ref[0], ref[1])) for ref in state["buffer"]]
+        self._reader = None
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "unit": self.unit, "position": self.position, "ordinal": self.ordinal,
+                "buffer": [list(ref) for ref, _ in self.buffer], "rng": self.rng.bit_generator.state,
+                "skipped": dict(self.skipped)}  # fmt: skip
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._start(state)
+        self.skipped = collections.Counter(state.get("skipped", {}))
+
+    # ---- reading
+
+    def _next_sample(self) -> tuple[tuple[int, int, int, int], dict[str, Any]] | None:
+        """The next usable sample of this process's units (None when the last epoch is done)."""
+        while True:
+            if self.config.num_epochs is not None and self.epoch >= self.config.num_epochs:
+                return None
+            order = self._order(self.epoch)
+            if self.unit >= len(order):
+                self.epoch, self.unit, self.position, self.ordinal, self._reader = self.epoch + 1, 0, 0, 0, None
+                continue
+            unit = order[self.unit]
+            if self._reader is None:
+                self._reader = self.units.read_from(unit, self.position)
+            for position, after, sample in self._reader:
+                ref = (unit, position, self.ordinal, self.epoch)
+                self.ordinal += 1
+                self.position = after
+                if isinstance(sample, str):
+                    self.skipped[sample] += 1
+                    continue
+                return ref, sample
+            self.unit, self.position, self.ordinal, self._reader = self.unit + 1, 0, 0, None
+
+    def _draw(self) -> tuple[tuple[int, int, int, int], dict[str, Any]] | None:
+        """One sample out of the shuffle buffer (filled first), or None when the stream is done and drained."""
+        while len(self.buffer) < self.config.buffer:
+            nxt = self._next_sample()
+            if nxt is None:
+                break
+            self.buffer.append(nxt)
+        if not self.buffer:
+            return None
+        j = int(self.rng.integers(len(self.buffer)))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        return self.buffer.pop()
+
+    def _example(self, item) -> dict[str, Any] | str:
+        (unit, position, ordinal, epoch), sample = item
+        rng = np.random.default_rng([self.config.seed, epoch, unit, position])
+        try:
+            image = decode(sample["image"], self.config.image_size, self.config.crop_scale, rng)
+        except ImageReadError:
+            return "undecodable image"
+        caption = sample["captions"][int(rng.integers(len(sample["captions"])))]
+        return {"image": image, "text": self.tokenizer.encode([caption])[0], "index": np.int32(unit * 2**20 + ordinal)}
+
+    def __iter__(self) -> StreamIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        rows: list[dict[str, Any]] = []
+        while len(rows) < self.local_batch:
+            drawn = [d for d in (self._draw() for _ in range(self.local_batch - len(rows))) if d is not None]
+            if not drawn:
+                raise StopIteration
+            for example in self._pool.map(self._example, drawn):
+                if isinstance(example, str):
+                    self.skipped[example] += 1
+                else:
+                    rows.append(example)
+        batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+        return to_global(batch, self._sharding) if self._sharding is not None else batch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "skipped_images": int(sum(self.skipped.values())),
+            **{f"skipped/{k}": v for k, v in self.skipped.items()},
+        }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
