@@ -293,11 +293,11 @@ def test_streaming_reads_disjoint_shards_per_process_and_resumes_bitwise(kind, s
 def test_training_on_streamed_shards_resumes_exactly(shards, tmp_path):
     """`data.stream_buffer`: a run stopped and resumed from its checkpoint (the stream's position and buffer in
     it) records the same losses as one that ran through."""
-    from conftest import ROOT
-
     from jaxmr.config import load_config_file
     from jaxmr.training.checkpoints import read_metrics
     from jaxmr.training.loop import train
+
+    from conftest import ROOT
 
     folder, _ = shards
     config = load_config_file(f"{ROOT / 'configs' / 'shapes_tiny.py'}:smoke,data.source=wds:{folder},"
