@@ -101,9 +101,13 @@ RECORDS_PER_SHARD = 4096  # without --shards
 
 def _encoded(image: Any, max_side: int) -> bytes:
     """The image as bytes to store: the original file's bytes when it is a JPEG / PNG / WebP no larger than
-    max_side, else re-encoded (JPEG, quality 95) with its longer side at most max_side. ImageReadError when it
-    does not decode."""
+    max_side, decoded pixels (the shapes world) as PNG (lossless), else re-encoded (JPEG, quality 95) with its
+    longer side at most max_side. ImageReadError when it does not decode."""
     pil = load_image(image, min_side=max_side)
+    if not isinstance(image, bytes | str) and max(pil.size) <= max_side:
+        out = io.BytesIO()
+        pil.save(out, format="PNG")
+        return out.getvalue()
     raw = image if isinstance(image, bytes) else Path(image).read_bytes() if isinstance(image, str) else None
     if raw is not None and max(pil.size) <= max_side:
         with Image.open(io.BytesIO(raw)) as original:
