@@ -44,6 +44,8 @@ def _data_info(args: argparse.Namespace) -> None:
     }
     if hasattr(source, "split_sizes"):
         info["split_sizes"] = source.split_sizes
+    if getattr(source, "skipped", None):  # shard sources: samples they could not use, by reason
+        info["skipped"] = dict(source.skipped)
     print(json.dumps(info, indent=2, default=str))
 
 
