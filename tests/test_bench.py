@@ -129,3 +129,13 @@ def test_batch_fit_steps_down_until_the_compiled_step_fits(monkeypatch):
     compiled.clear()
     batch, chosen, tries = accelerator.fit_batch("tiny", plan, limit=4_000_000)  # the prediction: over 2000
     assert "error" in tries[1] and batch == tries[-1]["batch"] <= 2000 and chosen[2] == batch
+
+
+def test_knn_throughput_quick_mode_writes_results(tmp_path, smoke_run):
+    out = tmp_path / "knn.json"
+    command = [sys.executable, "-m", "bench.knn_throughput", "--quick", "--workdir", str(smoke_run), "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["records"]] == ["mesh float32", "mesh bfloat16", "numpy exact"]
+    assert data["records"][0]["recall_at_k"] >= 0.99 and data["verdict"]["queries_per_s"] > 0
