@@ -9,12 +9,14 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 from tqdm import tqdm
 
@@ -134,8 +136,6 @@ def _source(spec: str, split: str):
 def _convert_shard(task: tuple[str, str, str, int, int, int, int, str]) -> dict[str, Any]:
     """Writes one shard (records [start, stop) of the split) atomically; its `.done.json` last, so a shard
     is either complete or written again by the next run."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     spec, out, split, index, count, start, stop, max_side = task
     out, name = Path(out), shard_name(split, index, count)
     done = out / f"{name}.done.json"
@@ -216,8 +216,6 @@ def convert_to_arrayrecord(
     bar = tqdm(total=sum(sizes.values()), unit="img", desc="converting", disable=not progress)
     results = []
     if workers > 1:
-        import multiprocessing
-
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for stats in pool.imap(_convert_shard, tasks):
                 results.append(stats)
