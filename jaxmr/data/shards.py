@@ -153,6 +153,15 @@ def _cached_tar_index(path: Path) -> dict[str, np.ndarray]:
     return index
 
 
+def json_caption(data: bytes) -> str | None:
+    """A sample's caption from its json member (img2dataset writes it there when there is no txt), if any."""
+    try:
+        caption = json.loads(data).get("caption")
+    except (ValueError, AttributeError):
+        return None
+    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+
 class _Files:
     """One read-only descriptor per file for the process, read with `os.pread` (safe from many threads)."""
 
@@ -218,10 +227,9 @@ class WebDatasetSource:
         if where[0] < 0:
             return None
         try:
-            caption = json.loads(self._files.read(shard, int(where[0]), int(where[1]))).get("caption")
-        except (OSError, ValueError, AttributeError):
+            return json_caption(self._files.read(shard, int(where[0]), int(where[1])))
+        except OSError:
             return None
-        return caption.strip() if isinstance(caption, str) and caption.strip() else None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -268,6 +276,22 @@ def _is_caption_type(kind: pa.DataType) -> bool:
     return pa.types.is_list(kind) and any(f(kind.value_type) for f in strings)
 
 
+def row_image(value: Any) -> bytes | None:
+    """A parquet image cell's bytes: binary, or a struct with `bytes` (Hugging Face's Image feature)."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
+def row_captions(value: Any) -> list[str]:
+    """A parquet caption cell's non-empty captions: a string, or a list of strings."""
+    return [t.strip() for t in ([value] if isinstance(value, str) else value or []) if t and t.strip()]
+
+
+def parquet_columns(schema: pa.Schema, image: str | None, caption: str | None, file: Path) -> tuple[str, str]:
+    """The (image, caption) columns of a parquet file: the named ones, checked, else found by type and name."""
+    return (_pick(schema, image, IMAGE_COLUMNS, _is_image_type, "image", file),
+            _pick(schema, caption, CAPTION_COLUMNS, _is_caption_type, "caption", file))  # fmt: skip
+
+
 def _pick(schema: pa.Schema, given: str | None, names: tuple[str, ...], fits, what: str, file: Path) -> str:
     if given:
         if given not in schema.names:
@@ -306,8 +330,7 @@ class ParquetSource:
                 self._groups.append(np.zeros(1, np.int64))
                 continue
             schema = meta.schema_arrow
-            image_col = _pick(schema, image, IMAGE_COLUMNS, _is_image_type, "image", path)
-            caption_col = _pick(schema, caption, CAPTION_COLUMNS, _is_caption_type, "caption", path)
+            image_col, caption_col = parquet_columns(schema, image, caption, path)
             key_col = next((n for n in KEY_COLUMNS if n in schema.names and n not in (image_col, caption_col)), None)
             self._columns.append(image_col)
             sizes = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -316,7 +339,7 @@ class ParquetSource:
             texts = table[caption_col].to_pylist()
             keys = table[key_col].to_pylist() if key_col else [None] * len(texts)
             for r, (text, key) in enumerate(zip(texts, keys, strict=True)):
-                found = [t.strip() for t in ([text] if isinstance(text, str) else text or []) if t and t.strip()]
+                found = row_captions(text)
                 if not found:
                     self.skipped["no caption"] += 1
                     continue
@@ -354,7 +377,7 @@ class ParquetSource:
         f, r, _ = (int(v) for v in self._rows[index])
         g = int(np.searchsorted(self._groups[f], r, side="right")) - 1
         value = self._group(f, g)[r - int(self._groups[f][g])]
-        image = value.get("bytes") if isinstance(value, dict) else value
+        image = row_image(value)
         meta = {"file": str(self.files[f]), "row": r}
         # no bytes (a null, or a Hugging Face image stored by path only): an unreadable image, counted by the
         # pipeline

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import tarfile
 from collections.abc import Iterator
@@ -32,12 +31,13 @@ from jaxmr.data.records import DataError
 from jaxmr.data.shards import (
     CAPTION_EXTS,
     IMAGE_EXTS,
-    _is_caption_type,
-    _is_image_type,
-    _pick,
     _split_name,
     expand,
+    json_caption,
     parquet_arg,
+    parquet_columns,
+    row_captions,
+    row_image,
 )  # fmt: skip
 from jaxmr.sharding import data_sharding, to_global
 from jaxmr.text import Tokenizer
@@ -108,10 +108,7 @@ def _sample(members: dict[str, bytes], key: str) -> dict[str, Any] | str:
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     caption = next((members[e].decode("utf-8", "replace").strip() for e in CAPTION_EXTS if e in members), None)
     if caption is None and "json" in members:
-        try:
-            caption = (json.loads(members["json"]).get("caption") or "").strip() or None
-        except (ValueError, AttributeError):
-            caption = None
+        caption = json_caption(members["json"])
     if image is None:
         return "no image"
     if not caption:
@@ -128,10 +125,7 @@ class ParquetUnits:
         self.units, self.columns = [], []
         for f, path in enumerate(self.files):
             meta = pq.ParquetFile(path)
-            schema = meta.schema_arrow
-            self.columns.append((_pick(schema, image, ("image", "jpg", "img"), _is_image_type, "image", path),
-                                 _pick(schema, caption, ("caption", "text", "captions"), _is_caption_type, "caption",
-                                       path)))  # fmt: skip
+            self.columns.append(parquet_columns(meta.schema_arrow, image, caption, path))  # as random access finds them
             self.units += [(f, g) for g in range(meta.num_row_groups)]
 
     def __len__(self) -> int:
@@ -143,9 +137,7 @@ class ParquetUnits:
         table = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[image_col, caption_col])
         images, texts = table[image_col].to_pylist(), table[caption_col].to_pylist()
         for r in range(position, len(images)):
-            value, text = images[r], texts[r]
-            image = value.get("bytes") if isinstance(value, dict) else value
-            found = [t.strip() for t in ([text] if isinstance(text, str) else text or []) if t and t.strip()]
+            image, found = row_image(images[r]), row_captions(texts[r])
             yield r, r + 1, ({"image": image, "captions": found, "key": f"{f}:{g}:{r}"} if image and found else
                              "no image" if not image else "no caption")  # fmt: skip
 
@@ -203,13 +195,17 @@ class StreamIterator:
         self._sharding = data_sharding(mesh, data_axes) if mesh is not None else None
         self._pool = concurrent.futures.ThreadPoolExecutor(config.read_threads)
         self.skipped: collections.Counter = collections.Counter()
+        self._orders: tuple[int, list[int]] = (-1, [])
         self._start({"epoch": 0, "unit": 0, "position": 0, "ordinal": 0, "buffer": [], "rng": None})
 
     # ---- where it is
 
     def _order(self, epoch: int) -> list[int]:
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.units))
-        return [int(u) for u in order[self.process :: self.processes]]
+        """This process's units in epoch `epoch` (drawn once per epoch, not once per sample)."""
+        if self._orders[0] != epoch:
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.units))
+            self._orders = (epoch, [int(u) for u in order[self.process :: self.processes]])
+        return self._orders[1]
 
     def _start(self, state: dict[str, Any]) -> None:
         self.epoch, self.unit, self.position, self.ordinal = (int(state[k]) for k in ("epoch", "unit", "position",
