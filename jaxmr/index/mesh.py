@@ -205,10 +205,7 @@ class MeshSearch:
         if any(int(i) in self._row_of for i in ids) or len(np.unique(ids)) != len(ids):
             raise ValueError("ids must be new and unique")
         if self._used + len(ids) > self.capacity:  # grows geometrically: few capacities, few compiles
-            keep = np.flatnonzero(np.asarray(self.valid))
-            capacity = max(self._capacity_for(len(keep) + len(ids)), 2 * self.capacity)
-            self._load(np.asarray(self.data[keep], np.float32) if len(keep) else np.zeros((0, self.dim)),
-                       self.ids[keep], capacity)  # fmt: skip
+            self.compact(max(self._capacity_for(self._live + len(ids)), 2 * self.capacity))
         rows = np.arange(self._used, self._used + len(ids))
         self._write(rows, vectors, True)
         self.ids[rows] = ids
@@ -228,11 +225,12 @@ class MeshSearch:
                 self.compact()
         return len(rows)
 
-    def compact(self) -> None:
-        """Packs the live rows at the front (same capacity rule: no recompile unless it changes)."""
+    def compact(self, capacity: int | None = None) -> None:
+        """Packs the live rows at the front, into `capacity` slots (default: the same rule as at the start, never
+        fewer than now: no recompile unless it changes)."""
         keep = np.flatnonzero(np.asarray(self.valid))
         vectors = np.asarray(self.data[keep], np.float32) if len(keep) else np.zeros((0, self.dim), np.float32)
-        self._load(vectors, self.ids[keep], max(self.capacity, self._capacity_for(len(keep))))
+        self._load(vectors, self.ids[keep], capacity or max(self.capacity, self._capacity_for(len(keep))))
 
     def _write(self, rows: np.ndarray, vectors: np.ndarray | None, valid: bool) -> None:
         """Sets rows of the device arrays: padded to a power of two of rows (out-of-range rows are dropped), so
