@@ -267,7 +267,7 @@ def init_state(trainable: Trainable) -> TrainState:
     config = trainable.config
     if not config.init_from and not has_pretrained_towers(config.model):
         return trainable.init()
-    abstract = trainable.abstract_state().params
+    abstract = model_graph(config.model)[1]  # shapes and dtypes only (traced once per config; no init traced)
     if config.init_from:
         exported, params, _, _ = load_export(config.init_from)
         if exported.model != config.model:
