@@ -299,14 +299,13 @@ def _load_collection(version: Path, manifest: dict[str, Any], target: str, backe
     """A version's collection, its files checked against the manifest (sizes and checksums) before use; counts
     checked against the manifest after. `backend`: see `Collection.using`."""
     part = manifest[target]
-    ann = AnnConfig.from_manifest(part["ann"])
-    if backend == "mesh" and ann.method != "mesh":  # no ScaNN searcher to load only to replace it
-        ann = dataclasses.replace(ann, method="exact")
+    saved = AnnConfig.from_manifest(part["ann"])
+    # for the mesh, no ScaNN searcher is loaded only to be replaced: the arrays alone (method exact)
+    ann = dataclasses.replace(saved, method="exact") if backend == "mesh" and saved.method != "mesh" else saved
     collection = Collection.load(version / target, ann, part.get("files"))
     if len(collection) != part["count"]:
         raise InvalidIndexError(f"{version / target}: {len(collection)} vectors, the manifest says {part['count']}")
-    if ann.method == "exact" and backend == "mesh":
-        collection.index_ann = AnnConfig.from_manifest(part["ann"])
+    collection.index_ann = saved
     return collection.using(backend)
 
 
@@ -355,8 +354,12 @@ def _replay(state: _State, entries: list[Entry], end: int) -> _State:
         if entry.op not in ("add", "delete"):
             raise InvalidIndexError(f"{where}: record {entry.seq} is a {entry.op!r}, not an add or a delete")
         for target in TARGETS:
-            if (write := _writes(entry, target)) is not None:
-                (added if entry.op == "add" else deleted)[target].append(write if entry.op == "add" else write[0])
+            if (write := _writes(entry, target)) is None:
+                continue
+            if entry.op == "add":
+                added[target].append(write)
+            else:
+                deleted[target].append(write[0])
     collections = {"images": state.images, "captions": state.captions}
     for target in TARGETS:
         live = collections[target]
