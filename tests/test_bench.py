@@ -22,12 +22,17 @@ def test_quick_mode_writes_results(tmp_path, script):
     assert out.with_suffix(".md").read_text().startswith("## ")
 
 
-def test_index_writes_quick_mode_writes_results_and_targets(tmp_path, smoke_run):
-    out = tmp_path / "index_writes.json"
-    command = [sys.executable, "-m", "bench.index_writes", "--quick", "--workdir", str(smoke_run), "--out", str(out)]
+def _quick_with_model(script: str, tmp_path, smoke_run) -> dict:
+    """`python -m bench.SCRIPT --quick` over the session's smoke run (a model of the quick mode's width)."""
+    out = tmp_path / f"{script}.json"
+    command = [sys.executable, "-m", f"bench.{script}", "--quick", "--workdir", str(smoke_run), "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_index_writes_quick_mode_writes_results_and_targets(tmp_path, smoke_run):
+    data = _quick_with_model("index_writes", tmp_path, smoke_run)
     assert data["benchmark"] == "index_writes" and len(data["records"]) == 9
     assert set(data["targets"]) == {"add_p50_ms", "add_bytes", "delete_p50_ms", "delete_bytes",
                                     "search_p50_over_compacted", "recall_change"}  # fmt: skip
@@ -132,10 +137,6 @@ def test_batch_fit_steps_down_until_the_compiled_step_fits(monkeypatch):
 
 
 def test_knn_throughput_quick_mode_writes_results(tmp_path, smoke_run):
-    out = tmp_path / "knn.json"
-    command = [sys.executable, "-m", "bench.knn_throughput", "--quick", "--workdir", str(smoke_run), "--out", str(out)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = _quick_with_model("knn_throughput", tmp_path, smoke_run)
     assert [r["method"] for r in data["records"]] == ["mesh float32", "mesh bfloat16", "numpy exact"]
     assert data["records"][0]["recall_at_k"] >= 0.99 and data["verdict"]["queries_per_s"] > 0
