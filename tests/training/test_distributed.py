@@ -29,7 +29,10 @@ def _free_port() -> int:
 
 
 def _together(argv: list[str], processes: int = 2, devices: int = 4, timeout: float = 600) -> list[str]:
-    """Runs `jaxmr ARGV` as `processes` cooperating processes of `devices` CPU devices each; their outputs."""
+    """Runs `jaxmr ARGV` as `processes` cooperating processes of `devices` CPU devices each; their stdouts.
+
+    stderr is kept apart (shown on failure): gloo writes its own lines there ("[Gloo] Rank 0 is connected ...")
+    whenever its threads get to it, which once landed after a command's last JSON line."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
 
@@ -38,19 +41,19 @@ def _together(argv: list[str], processes: int = 2, devices: int = 4, timeout: fl
         return [sys.executable, "-m", "jaxmr.cli", *argv, *(flags if processes > 1 else [])]
 
     running = [
-        subprocess.Popen(launch(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(launch(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(processes)
     ]
     outputs = []
     try:
         for process in running:
-            outputs.append(process.communicate(timeout=timeout)[0])
+            outputs.append(process.communicate(timeout=timeout))
     finally:
         for process in running:
             process.kill()
-    for process, output in zip(running, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
-    return outputs
+    for process, (out, err) in zip(running, outputs, strict=True):
+        assert process.returncode == 0, (out + err)[-3000:]
+    return [out for out, _ in outputs]
 
 
 def _losses(workdir: Path) -> list[float]:
