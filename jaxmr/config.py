@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxmr.files import write_text
-from jaxmr.models import BertConfig, ConvConfig, EfficientNetConfig, ModelConfig, TextConfig, ViTConfig
+from jaxmr.models import BertConfig, ConvConfig, EfficientNetConfig, ModelConfig, MPNetConfig, TextConfig, ViTConfig
 from jaxmr.options import key_value, split_items
 
 
@@ -31,7 +31,8 @@ class DataConfig:
     num_workers: int = 0  # grain worker processes
     read_threads: int = 4  # reader threads per process: JPEG decoding overlaps; 0 for sources that are cheap to read
     shuffle_group: int = 1  # records shuffled as units (shapes: 2 puts each twin pair in the same batch)
-    tokenizer: str = "bpe"  # "bpe" (learned from the training captions) or "wordpiece" (MiniLM's vocabulary)
+    # "bpe" (learned from the training captions), "wordpiece" (MiniLM's vocabulary) or "mpnet" (all-mpnet-base-v2's)
+    tokenizer: str = "bpe"
     vocab_size: int = 1024  # for "bpe"
     max_len: int = 32
     # wds: / parquet: sources: stream each process's shards through a shuffle buffer of this many samples instead
@@ -153,8 +154,8 @@ class ComposedConfig:
 
 # Every dataclass a config may contain, by name: the JSON form records which one a field holds.
 CONFIG_TYPES = {cls.__name__: cls for cls in (TrainConfig, ComposedConfig, ModelConfig, ViTConfig, ConvConfig,
-                                              EfficientNetConfig, TextConfig, BertConfig, DataConfig, OptimConfig,
-                                              LossConfig)}  # fmt: skip
+                                              EfficientNetConfig, TextConfig, BertConfig, MPNetConfig, DataConfig,
+                                              OptimConfig, LossConfig)}  # fmt: skip
 
 
 def to_dict(config: Any) -> Any:

