@@ -62,8 +62,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps (equal for all)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "lit_ablation"))
     parser.add_argument("--set", default="", help="more config overrides for every variant (key=value,...)")
-    parser.add_argument("--quick", action="store_true", help="views1 for 4 steps at 64 px (give a small --set "
-                        "data.source=...)")
+    parser.add_argument(
+        "--quick", action="store_true", help="views1 for 4 steps at 64 px (give a small --set data.source=...)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     overrides = f",steps={args.steps}" if args.steps else ""
@@ -80,8 +81,9 @@ def main() -> None:
     for variant in variants:
         records.append(run_variant(variant, workdir, features, overrides))
         print(json.dumps(records[-1]), flush=True)
-        notes = (f"`python -m bench.lit_ablation --variants {','.join(variants)}{' --set ' + args.set if args.set else ''}"
-                 f"{' --steps ' + str(args.steps) if args.steps else ''}`: configs/flickr8k_lit.py and its tower swaps, "
+        command = f"python -m bench.lit_ablation --variants {','.join(variants)}"
+        command += (f" --set {args.set}" if args.set else "") + (f" --steps {args.steps}" if args.steps else "")
+        notes = (f"`{command}`: configs/flickr8k_lit.py and its tower swaps, "
                  "Flickr8k train -> dev (984 images, 4,920 captions), recall of each run's last evaluation. wall_s is "
                  "the whole `jaxmr train` of that run, including the features it was the first to need (new_features)"
                  "; the others were reused from earlier rows.")  # fmt: skip

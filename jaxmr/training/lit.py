@@ -3,9 +3,9 @@
 With both towers frozen (`optim.freeze` covers every tower parameter), each epoch of end-to-end training would
 recompute the same EfficientNet and BERT features; on a CPU that is hours. `cached_features=True` embeds every
 image and caption of the train and eval splits once (`workdir/features/`, one file per tower and split, keyed by
-that tower, the data and the preprocessing: a run that swaps one tower reuses the other's), then trains the projection heads and the temperature on batches drawn from those arrays. The
-checkpoints hold the whole model, so `jaxmr eval`, `jaxmr index build` and `jaxmr serve` use the run like any
-other.
+that tower, the data and the preprocessing: a run that swaps one tower reuses the other's), then trains the
+projection heads and the temperature on batches drawn from those arrays. The checkpoints hold the whole model, so
+`jaxmr eval`, `jaxmr index build` and `jaxmr serve` use the run like any other.
 """
 
 from __future__ import annotations
