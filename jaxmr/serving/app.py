@@ -250,14 +250,15 @@ def _routes(settings: Settings) -> list:
 
     @get("/api/projection", responses={**BAD, **UNAVAILABLE})
     async def projection(request: Request, n: N = default_points) -> dict[str, Any]:
-        """A 2-D t-SNE of a fixed sample of the index: computed once per index version, then sliced."""
+        """A 2-D t-SNE of a fixed sample of the index, each image with its k-means group (the map's colours) and
+        each group with the caption words most typical of it: computed once per index version, then sliced."""
         engine = _engine(request)
         result = await asyncio.to_thread(engine.projection, n)
         ids = [p["id"] for p in result["points"]]
-        captions = {r["id"]: r["captions"][:1] for r in engine.records(ids) if r is not None}
-        points = [{**p, "thumbnail": f"/api/thumbnails/{p['id']}", "captions": captions.get(p["id"], [])}
+        captions = {r["id"]: r["captions"] for r in engine.records(ids) if r is not None}
+        points = [{**p, "thumbnail": f"/api/thumbnails/{p['id']}", "captions": captions[p["id"]][:1]}
                   for p in result["points"] if p["id"] in captions]  # fmt: skip
-        return {"method": result["method"], "points": points}
+        return {"method": result["method"], "clusters": result["clusters"], "points": points}
 
     @get("/api/info", responses=UNAVAILABLE)
     async def info(request: Request) -> dict[str, Any]:

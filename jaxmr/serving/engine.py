@@ -24,7 +24,7 @@ from jaxmr.index.store import Searcher
 from jaxmr.serving.settings import Settings
 from jaxmr.serving.telemetry import Metrics
 from jaxmr.serving.uploads import BadRequest, decode_upload
-from jaxmr.serving.views import kmeans, project_2d
+from jaxmr.serving.views import cluster_words, kmeans, map_clusters, project_2d
 
 log = logging.getLogger(__name__)
 
@@ -300,17 +300,27 @@ class Engine:
         }
 
     def projection(self, n: int) -> dict[str, Any]:
-        """A 2-D t-SNE of `settings.projection_points` images (a fixed random sample), computed once per index
-        version: the first `n` of its points (a random subset). Requests that arrive while it is computed wait
-        for that one computation, so no request costs more than one t-SNE per change of the index."""
+        """A 2-D t-SNE of `settings.projection_points` images (a fixed random sample) with each image's k-means
+        group (over the embeddings, not the 2-D points) and each group's size and most typical caption words,
+        computed once per index version: the first `n` of its
+        points (a random subset). Requests that arrive while it is computed wait for that one computation, so no
+        request costs more than one t-SNE per change of the index."""
         with self._projection_lock:
             version = self.searcher.generation
             if self._projection.get("version") != version:
                 collection = self.searcher.collection("images")
                 rng = np.random.default_rng(0)
                 rows = rng.permutation(len(collection))[: self.settings.projection_points]
-                xy, method = project_2d(np.asarray(collection.embeddings[rows], np.float32))
-                points = [{"id": int(i), "x": float(x), "y": float(y)} for i, (x, y) in zip(collection.ids[rows], xy,
-                                                                                            strict=True)]  # fmt: skip
-                self._projection = {"version": version, "method": method, "points": points}
-            return {"method": self._projection["method"], "points": self._projection["points"][:n]}
+                vectors = np.asarray(collection.embeddings[rows], np.float32)
+                xy, method = project_2d(vectors)
+                k = map_clusters(len(rows))
+                groups = kmeans(vectors, k) if len(rows) else np.zeros(0, np.int64)
+                ids = [int(i) for i in collection.ids[rows]]
+                points = [{"id": i, "x": float(x), "y": float(y), "cluster": int(c)}
+                          for i, (x, y), c in zip(ids, xy, groups, strict=True)]  # fmt: skip
+                captions = [(r or {}).get("captions") or [] for r in self.records(ids)]
+                words = cluster_words(captions, groups, k)
+                clusters = [{"cluster": c, "size": int((groups == c).sum()), "words": w} for c, w in enumerate(words)]
+                self._projection = {"version": version, "method": method, "clusters": clusters, "points": points}
+            p = self._projection
+            return {"method": p["method"], "clusters": p["clusters"], "points": p["points"][:n]}

@@ -1,8 +1,82 @@
-"""The UI's views of the embeddings: k-means groups for the result graph and a 2-D projection (t-SNE)."""
+"""The UI's views of the embeddings: k-means groups for the result graph and the map, a 2-D projection (t-SNE),
+and a few words that name each group."""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Sequence
+
 import numpy as np
+
+# words that say nothing about what a group of captions shows
+STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "with",
+        "by",
+        "for",
+        "from",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "near",
+        "its",
+        "his",
+        "her",
+        "their",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "being",
+        "been",
+        "this",
+        "that",
+        "these",
+        "those",
+        "there",
+        "here",
+        "it",
+        "he",
+        "she",
+        "they",
+        "them",
+        "some",
+        "two",
+        "three",
+        "one",
+        "four",
+        "several",
+        "other",
+        "while",
+        "as",
+        "up",
+        "down",
+        "out",
+        "off",
+        "through",
+        "front",
+        "background",
+        "top",
+        "side",
+        "next",
+        "another",
+        "each",
+        "very",
+    ]
+)
 
 
 def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> np.ndarray:
@@ -37,3 +111,25 @@ def project_2d(vectors: np.ndarray) -> tuple[np.ndarray, str]:
         method = "pca"
     scale = np.abs(xy).max() or 1.0
     return (xy / scale).astype(np.float32), method
+
+
+def map_clusters(points: int) -> int:
+    """How many k-means groups the map colours `points` images in: 8, fewer below 64 images."""
+    return int(np.clip(points // 8, 1, 8))
+
+
+def cluster_words(captions: Sequence[Sequence[str]], labels: np.ndarray, k: int, words: int = 3) -> list[list[str]]:
+    """For each of the k groups, the caption words most typical of it: frequent in the group's captions and more
+    frequent there than over all of them (count in group x share of its uses that fall in the group).
+    captions[i]: image i's captions; labels int [N]: image i's group."""
+    tokenise = lambda texts: [w for t in texts for w in set(re.findall(r"[a-z]+", t.lower()))
+                              if len(w) > 2 and w not in STOPWORDS]  # fmt: skip
+    per_group = [Counter() for _ in range(k)]
+    for texts, label in zip(captions, labels, strict=True):
+        per_group[int(label)].update(tokenise(texts))
+    total = sum(per_group, Counter())
+    out = []
+    for counts in per_group:
+        ranked = sorted(counts, key=lambda w: (-counts[w] * counts[w] / total[w], w))
+        out.append([w for w in ranked if counts[w] > 1][:words])
+    return out

@@ -20,7 +20,7 @@ from jaxmr.index.build import BuildOptions, build_index
 from jaxmr.serving.app import create_app
 from jaxmr.serving.engine import Engine, Query
 from jaxmr.serving.settings import Settings
-from jaxmr.serving.views import kmeans
+from jaxmr.serving.views import cluster_words, kmeans, map_clusters
 
 from conftest import SMOKE_SOURCE, wait_ready
 
@@ -104,6 +104,9 @@ def test_search_routes(client, backend):
     assert projection["method"] == "tsne" and len(projection["points"]) == 40
     assert all(-1 <= p["x"] <= 1 and -1 <= p["y"] <= 1 for p in projection["points"])
     assert client.get("/api/projection?n=40").json() == projection  # cached
+    groups = projection["clusters"]  # k-means over all 64 sampled images, each group named by caption words
+    assert [g["cluster"] for g in groups] == list(range(8)) and sum(g["size"] for g in groups) == 64
+    assert all(0 <= p["cluster"] < 8 for p in projection["points"]) and all(g["words"] for g in groups if g["size"])
 
     info = client.get("/api/info").json()
     assert info["images"] == 64 and info["captions"] == 320 and info["uploads_need_key"]
@@ -284,6 +287,15 @@ def test_kmeans_by_hand():
     assert len(set(labels.tolist())) == 3
 
 
+def test_map_groups_are_named_by_their_typical_caption_words():
+    captions = [["a red circle", "red round circle"], ["a red circle on grey"], ["a blue square", "blue box"],
+                ["the blue square in front"], ["a lonely triangle"]]  # fmt: skip
+    labels = np.array([0, 0, 1, 1, 2])
+    # "red" and "circle" are in every caption of group 0 and nowhere else; a word used once says nothing
+    assert cluster_words(captions, labels, 3) == [["circle", "red"], ["blue", "square"], []]
+    assert [map_clusters(n) for n in (0, 7, 16, 64, 600)] == [1, 1, 2, 8, 8]
+
+
 def test_settings_from_environment():
     s = Settings.from_env({"JAXMR_PORT": "9000", "JAXMR_API_KEY": "k", "JAXMR_WARM_UP": "false"}, index="x", port=None)
     assert (s.port, s.api_key, s.warm_up, s.index) == (9000, "k", False, "x")
@@ -437,3 +449,26 @@ def test_browser_search_then_click_for_similar(live_server, tmp_path):
     assert after["url"].endswith(f"?similar={before['ids'][0]}") and before["ids"][0] not in after["ids"]
     assert len(after["ids"]) == 55 and after["ids"] != before["ids"]
     assert Image.open(shot).size == (1280, 860)
+
+
+def test_browser_map_shows_thumbnails_framed_by_group(live_server, tmp_path):
+    """The map view: every sampled image drawn as a loaded thumbnail, framed in its k-means group's colour, a
+    legend entry per group; scrolling zooms (the view box shrinks), hovering shows the image large, clicking finds
+    similar images."""
+    pytest.importorskip("playwright.sync_api")
+    from serve.screenshot import find_chromium, open_map
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium on this machine (apt install chromium)")
+    seen = open_map(live_server, tmp_path / "map.png", zoom_steps=2)
+    assert not seen["errors"], seen["errors"]
+    points = seen["points"]
+    assert len(points) == 64 and len({p["id"] for p in points}) == 64
+    colours = {p["cluster"]: p["fill"] for p in points}
+    assert len(colours) >= 2 and len(set(colours.values())) == len(colours)  # one colour per group
+    assert len(seen["legend"]) == 8
+    assert seen["box"] == "0.0 0.0 1000.0 640.0"
+    width = float(seen["zoomed"].split()[2])
+    assert width < 1000 * 0.75  # two wheel steps in
+    assert seen["hover"] and seen["status"].startswith("similar to")
+    assert Image.open(tmp_path / "map.png").size == (1280, 940)

@@ -91,7 +91,7 @@ async function run() {
         body: JSON.stringify({ text: state.q, k: 55 }) }), `“${state.q}”`);
     }
     $("top").replaceChildren(); $("more").replaceChildren();
-    status("type a query, upload an image, or open the t-SNE view to browse");
+    status("type a query, upload an image, or open the map to browse");
   } catch (e) {
     status(`error: ${e.message}`);
   }
@@ -178,23 +178,89 @@ async function drawGraph() {
   status(`“${state.q}”: top ${n} in ${g.clusters} clusters; edge colour and width by similarity`);
 }
 
+// The map: every sampled image as a thumbnail at its t-SNE position, framed in its k-means group's colour, with a
+// legend naming each group by its most typical caption words. Scroll zooms (around the pointer), dragging pans,
+// a double click resets; hovering a thumbnail shows it large, clicking finds similar images; clicking a legend
+// entry shows only that group (again: all).
+const MAP = { W: 1000, H: 640, S: 24 };
+
+function mapViewBox(svg, box) {
+  svg.dataset.box = box.map((v) => v.toFixed(1)).join(" ");
+  svg.setAttribute("viewBox", svg.dataset.box);
+}
+
+function enableZoomAndPan(svg) {
+  const home = [0, 0, MAP.W, MAP.H];
+  let box = home.slice(), drag = null;
+  mapViewBox(svg, box);
+  const toMap = (ev) => {
+    const r = svg.getBoundingClientRect();
+    return [box[0] + ((ev.clientX - r.left) / r.width) * box[2], box[1] + ((ev.clientY - r.top) / r.height) * box[3]];
+  };
+  svg.onwheel = (ev) => {
+    ev.preventDefault();
+    const [mx, my] = toMap(ev), f = Math.exp(Math.sign(ev.deltaY) * 0.18);
+    const w = Math.min(MAP.W, Math.max(MAP.W / 12, box[2] * f)), h = (w * MAP.H) / MAP.W, t = w / box[2];
+    box = [mx - (mx - box[0]) * t, my - (my - box[1]) * t, w, h];
+    mapViewBox(svg, box);
+  };
+  svg.onpointerdown = (ev) => { drag = { x: ev.clientX, y: ev.clientY, box: box.slice(), moved: false }; };
+  svg.onpointermove = (ev) => {
+    if (!drag) return;
+    const r = svg.getBoundingClientRect(), dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+    if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
+    box = [drag.box[0] - (dx / r.width) * box[2], drag.box[1] - (dy / r.height) * box[3], box[2], box[3]];
+    mapViewBox(svg, box);
+  };
+  svg.onpointerup = () => { svg.dataset.dragged = drag && drag.moved ? "1" : ""; drag = null; };
+  svg.ondblclick = () => { box = home.slice(); mapViewBox(svg, box); };
+}
+
+function showCluster(svg, legend, cluster) {
+  const only = svg.dataset.only === String(cluster) ? "" : String(cluster);
+  svg.dataset.only = only;
+  for (const g of svg.querySelectorAll("g.point")) g.classList.toggle("dim", only !== "" && g.dataset.cluster !== only);
+  for (const item of legend.children) item.classList.toggle("off", only !== "" && item.dataset.cluster !== only);
+}
+
 async function drawProjection() {
-  status("computing the t-SNE projection (once per index version)…");
+  status("computing the map (a t-SNE, once per index version)…");
   const p = await api("/api/projection?n=600");
-  const svg = $("tsne"), hover = $("hover");
-  svg.replaceChildren();
+  const svg = $("tsne"), hover = $("hover"), legend = $("legend");
+  svg.replaceChildren(); legend.replaceChildren(); svg.dataset.only = ""; svg.dataset.loaded = 0;
+  enableZoomAndPan(svg);
+  const words = new Map(p.clusters.map((c) => [c.cluster, c.words.join(", ") || `group ${c.cluster + 1}`]));
+  const s = MAP.S;
   for (const point of p.points) {
-    const c = svgEl("circle", { cx: 500 + 470 * point.x, cy: 320 + 300 * point.y, r: 5, fill: "#2f6fde",
-      "fill-opacity": 0.65, cursor: "pointer", "data-id": point.id }, svg);
-    c.addEventListener("mouseenter", (ev) => {
-      hover.src = point.thumbnail; hover.hidden = false;
-      hover.style.left = `${ev.clientX + 12}px`; hover.style.top = `${ev.clientY + 12}px`;
-      hover.title = (point.captions || [""])[0];
+    const x = MAP.W / 2 + (MAP.W / 2 - 2 * s) * point.x, y = MAP.H / 2 + (MAP.H / 2 - 2 * s) * point.y;
+    const colour = COLOURS[point.cluster % COLOURS.length];
+    const g = svgEl("g", { class: "point", "data-id": point.id, "data-cluster": point.cluster, cursor: "pointer" }, svg);
+    svgEl("rect", { x: x - s / 2 - 2, y: y - s / 2 - 2, width: s + 4, height: s + 4, rx: 3, fill: colour }, g);
+    const img = svgEl("image", { href: `${point.thumbnail}?size=64`, x: x - s / 2, y: y - s / 2, width: s, height: s,
+      preserveAspectRatio: "xMidYMid slice" }, g);
+    const done = () => { svg.dataset.loaded = Number(svg.dataset.loaded) + 1; };
+    img.addEventListener("load", done); img.addEventListener("error", done);
+    svgEl("title", {}, g).textContent = `${words.get(point.cluster)}\n${(point.captions || [""])[0]}`;
+    g.addEventListener("mouseenter", (ev) => {
+      hover.src = `${point.thumbnail}?size=256`; hover.hidden = false; hover.style.borderColor = colour;
+      hover.style.left = `${ev.clientX + 14}px`; hover.style.top = `${ev.clientY + 14}px`;
     });
-    c.addEventListener("mouseleave", () => { hover.hidden = true; });
-    c.addEventListener("click", () => findSimilar(point.id));
+    g.addEventListener("mouseleave", () => { hover.hidden = true; });
+    g.addEventListener("click", () => { if (!svg.dataset.dragged) findSimilar(point.id); });
   }
-  status(`${p.points.length} images, ${p.method === "tsne" ? "t-SNE" : "PCA"}; hover to see, click to find similar`);
+  for (const c of p.clusters) {
+    const item = document.createElement("button");
+    item.className = "legend-item"; item.dataset.cluster = c.cluster;
+    item.innerHTML = `<span class="swatch"></span><span class="words"></span><span class="size"></span>`;
+    item.querySelector(".swatch").style.background = COLOURS[c.cluster % COLOURS.length];
+    item.querySelector(".words").textContent = words.get(c.cluster);
+    item.querySelector(".size").textContent = c.size;
+    item.addEventListener("click", () => showCluster(svg, legend, c.cluster));
+    legend.appendChild(item);
+  }
+  const how = p.method === "tsne" ? "t-SNE" : "PCA";
+  status(`${p.points.length} images, ${how}, ${p.clusters.length} k-means groups; scroll to zoom, drag to pan, ` +
+    "hover to enlarge, click to find similar");
 }
 
 $("search-form").addEventListener("submit", (ev) => {
