@@ -11,8 +11,10 @@ Used by the browser test and to refresh the README's screenshot. Needs the `play
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +23,31 @@ def find_chromium() -> str | None:
     return os.environ.get("PLAYWRIGHT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def search_and_click(url: str, query: str, screenshot: str | Path | None = None) -> dict[str, Any]:
-    """Types `query`, waits for result images, clicks the first result and waits for its similar images.
-    Returns what the page showed: result ids before and after the click, the status lines and the URLs."""
+@contextlib.contextmanager
+def browser_page(height: int) -> Iterator[tuple[Any, list[str]]]:
+    """A headless Chromium page 1280 x `height` px and the list its page errors are appended to."""
     from playwright.sync_api import sync_playwright
 
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError("no Chromium found (apt install chromium, or set PLAYWRIGHT_CHROMIUM)")
-    loaded = "() => { const imgs = [...document.querySelectorAll('#top .card img')];" \
-             " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }"  # fmt: skip
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page = browser.new_page(viewport={"width": 1280, "height": height})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def search_and_click(url: str, query: str, screenshot: str | Path | None = None) -> dict[str, Any]:
+    """Types `query`, waits for result images, clicks the first result and waits for its similar images.
+    Returns what the page showed: result ids before and after the click, the status lines and the URLs."""
+    loaded = "() => { const imgs = [...document.querySelectorAll('#top .card img')];" \
+             " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }"  # fmt: skip
+    with browser_page(860) as (page, errors):
         page.goto(url)
         page.wait_for_selector("#info:not(:empty)", timeout=120_000)  # the server is ready
         page.fill("#query", query)
@@ -52,7 +64,6 @@ def search_and_click(url: str, query: str, screenshot: str | Path | None = None)
             page.goto(before["url"])  # the text search again, for the picture
             page.wait_for_function(loaded, timeout=60_000)
             page.screenshot(path=str(screenshot), full_page=False)
-        browser.close()
     return {"before": before, "after": after, "errors": errors}
 
 
@@ -61,18 +72,9 @@ def open_map(url: str, screenshot: str | Path | None = None, zoom_steps: int = 0
     Returns what the page showed: points, their frame colours, the legend, the view box before and after the
     zoom, whether the hover image appeared, and the status after the click. `zoom_steps` zooms in that many wheel
     steps (around the centre) before the screenshot."""
-    from playwright.sync_api import sync_playwright
-
-    chromium = find_chromium()
-    if chromium is None:
-        raise FileNotFoundError("no Chromium found (apt install chromium, or set PLAYWRIGHT_CHROMIUM)")
     loaded = "() => { const svg = document.querySelector('#tsne'), n = svg.querySelectorAll('g.point').length;" \
              " return n > 0 && Number(svg.dataset.loaded) === n; }"  # fmt: skip
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 940})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with browser_page(940) as (page, errors):
         page.goto(url.rstrip("/") + "/?view=tsne")
         page.wait_for_function(loaded, timeout=180_000)
         points = page.eval_on_selector_all("#tsne g.point", "gs => gs.map(g => ({id: Number(g.dataset.id), "
@@ -94,7 +96,6 @@ def open_map(url: str, screenshot: str | Path | None = None, zoom_steps: int = 0
         page.click("#tsne g.point >> nth=0", force=True)
         page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('similar to')")
         status = page.text_content("#status")
-        browser.close()
     return {"points": points, "legend": legend, "box": box, "zoomed": zoomed, "hover": hover, "status": status,
             "errors": errors}  # fmt: skip
 

@@ -102,6 +102,17 @@ class Bert(nnx.Module):
 # ------------------------------------------------------------------------------------------------- weights
 
 
+def put_layer(t: TorchState, dst: str, heads: int, qkv: list[str], *, out: str, attn_ln: str, fc1: str, fc2: str,
+              mlp_ln: str) -> None:  # fmt: skip
+    """One post-LN `BertLayer` at `dst` from a torch state: the q/k/v projections' key prefixes, then the output
+    projection's, the two LayerNorms' and the MLP's (BERT and MPNet name them differently)."""
+    t.attention(f"{dst}/attn", *[(t.take(f"{k}.weight"), t.take(f"{k}.bias")) for k in qkv], out=out, heads=heads)
+    t.norm(f"{dst}/attn_ln", attn_ln)
+    t.linear(f"{dst}/mlp/fc1", fc1)
+    t.linear(f"{dst}/mlp/fc2", fc2)
+    t.norm(f"{dst}/mlp_ln", mlp_ln)
+
+
 def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
     """A Hugging Face `BertModel` state dict -> our nested params. Strict: every tensor but the position-id buffer
     and the unused pooler is consumed (`ConversionError` names the rest), and a missing one is an error."""
@@ -114,14 +125,11 @@ def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
     t.put("type_embed", t.take(f"{p}embeddings.token_type_embeddings.weight")[0])
     t.norm("embed_ln", f"{p}embeddings.LayerNorm")
     for i in range(c.depth):
-        src, dst = f"{p}encoder.layer.{i}", f"layers/{i}"
-        qkv = [(t.take(f"{src}.attention.self.{n}.weight"), t.take(f"{src}.attention.self.{n}.bias"))
-               for n in ("query", "key", "value")]  # fmt: skip
-        t.attention(f"{dst}/attn", *qkv, out=f"{src}.attention.output.dense", heads=c.heads)
-        t.norm(f"{dst}/attn_ln", f"{src}.attention.output.LayerNorm")
-        t.linear(f"{dst}/mlp/fc1", f"{src}.intermediate.dense")
-        t.linear(f"{dst}/mlp/fc2", f"{src}.output.dense")
-        t.norm(f"{dst}/mlp_ln", f"{src}.output.LayerNorm")
+        src = f"{p}encoder.layer.{i}"
+        qkv = [f"{src}.attention.self.{n}" for n in ("query", "key", "value")]
+        put_layer(t, f"layers/{i}", c.heads, qkv, out=f"{src}.attention.output.dense",
+                  attn_ln=f"{src}.attention.output.LayerNorm", fc1=f"{src}.intermediate.dense",
+                  fc2=f"{src}.output.dense", mlp_ln=f"{src}.output.LayerNorm")  # fmt: skip
     t.check_all_used(ignore=r"(bert\.)?(embeddings\.position_ids|pooler\..*)")
     return t.params
 

@@ -29,7 +29,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxmr.files import atomic_dir, cache_dir
-from jaxmr.models.bert import BertLayer
+from jaxmr.models.bert import BertLayer, put_layer
 from jaxmr.models.layers import layer_norm, partitioned
 from jaxmr.models.torch_io import TorchState
 from jaxmr.sharding import constrain
@@ -216,14 +216,11 @@ def convert_hf_state(state: dict[str, np.ndarray], config: MPNetConfig) -> dict:
     t.norm("embed_ln", f"{p}embeddings.LayerNorm")
     t.put("rel_bias", t.take(f"{p}encoder.relative_attention_bias.weight"))
     for i in range(c.depth):
-        src, dst = f"{p}encoder.layer.{i}", f"layers/{i}"
-        qkv = [(t.take(f"{src}.attention.attn.{n}.weight"), t.take(f"{src}.attention.attn.{n}.bias"))
-               for n in ("q", "k", "v")]  # fmt: skip
-        t.attention(f"{dst}/attn", *qkv, out=f"{src}.attention.attn.o", heads=c.heads)
-        t.norm(f"{dst}/attn_ln", f"{src}.attention.LayerNorm")
-        t.linear(f"{dst}/mlp/fc1", f"{src}.intermediate.dense")
-        t.linear(f"{dst}/mlp/fc2", f"{src}.output.dense")
-        t.norm(f"{dst}/mlp_ln", f"{src}.output.LayerNorm")
+        src = f"{p}encoder.layer.{i}"
+        qkv = [f"{src}.attention.attn.{n}" for n in "qkv"]
+        put_layer(t, f"layers/{i}", c.heads, qkv, out=f"{src}.attention.attn.o", attn_ln=f"{src}.attention.LayerNorm",
+                  fc1=f"{src}.intermediate.dense", fc2=f"{src}.output.dense",
+                  mlp_ln=f"{src}.output.LayerNorm")  # fmt: skip
     t.check_all_used(ignore=r"(mpnet\.)?(embeddings\.position_ids|pooler\..*)")
     return t.params
 
