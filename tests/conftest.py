@@ -7,8 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One full-suite run hung inside tokenizers' BPE training (its rayon pool) after earlier tests had forked grain
 # workers and run threaded encoders in this process; the tests' tokenizers are tiny, so run them sequentially.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Generated data (the shapes cache) goes to a fresh folder per test session, not the user's ~/.cache.
-os.environ.setdefault("JAXMR_CACHE", __import__("tempfile").mkdtemp(prefix="jaxmr-test-cache-"))
+# Generated data (the shapes cache, MPNet's unpacked weights: 438 MB) goes to a fresh folder per test session, not
+# the user's ~/.cache, and is removed when the session ends.
+if "JAXMR_CACHE" not in os.environ:
+    os.environ["JAXMR_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxmr-test-cache-")
+    __import__("atexit").register(__import__("shutil").rmtree, os.environ["JAXMR_CACHE"], ignore_errors=True)
 # The tests' subprocesses (training runs, servers, the two-process runs) compile the same tiny programs again and
 # again: one XLA cache per session, empty at its start, shared with them (-27 % on the training tests' file).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXMR_CACHE"], "xla"))
