@@ -90,7 +90,11 @@ def open_map(url: str, screenshot: str | Path | None = None, zoom_steps: int = 0
         zoomed = page.get_attribute("#tsne", "viewBox")
         if screenshot is not None:
             page.screenshot(path=str(screenshot), full_page=False)
-        page.dblclick("#tsne")  # back to the whole map
+        # back to the whole map: the double click sent to the map itself (a real one at the centre could land on a
+        # thumbnail, whose clicks would leave the map to find similar images)
+        page.dispatch_event("#tsne", "dblclick")
+        if page.get_attribute("#tsne", "viewBox") != box:
+            raise RuntimeError("a double click did not reset the map's zoom")
         page.hover("#tsne g.point >> nth=0", force=True)
         hover = page.is_visible("#hover")
         page.click("#tsne g.point >> nth=0", force=True)
