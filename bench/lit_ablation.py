@@ -1,6 +1,6 @@
 """The LiT recipe's tower ablation on Flickr8k dev: each tower swap alone and together, at equal steps.
 
-    python -m bench.lit_ablation [--variants base,views1,mpnet,...] [--steps 2400] [--workdir runs/lit_ablation]
+    python -m bench.lit_ablation [--variants lite0,views1,mpnet,...] [--steps 2400] [--workdir runs/lit_ablation]
     python -m bench.lit_ablation --quick --set data.source=captions:DIR   # one 4-step run (CI smoke)
 
 Each variant is `configs/flickr8k_lit.py:VARIANT` ("base" = the config as it is) trained by `jaxmr train` in its
@@ -24,7 +24,7 @@ from bench.common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "flickr8k_lit.py"
-DEFAULT = "base,views1,mpnet,lite2+views1,lite2+mpnet+views1"
+DEFAULT = "lite0,views1,mpnet,lite2+views1,lite2+mpnet+views1"
 COLUMNS = ["variant", "image", "text", "views", "steps", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "wall_s",
            "new_features"]  # fmt: skip
 

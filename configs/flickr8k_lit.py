@@ -9,7 +9,8 @@ With both towers frozen the tower features are computed once and cached in the w
 training the heads takes minutes on a CPU. What each choice bought on Flickr8k dev is in the README ("Pretrained
 towers"): multi-level image features (+2-3 points of R@1), 4 cached augmented views per image (+3-5 points
 i->t), 256 images (x 5 captions) per batch, feature dropout, an MLP head with dropout, and 2,400 steps.
-Variants (`configs/flickr8k_lit.py:NAME`, tower swaps joined with "+", e.g. `:lite2+mpnet`):
+Variants (`configs/flickr8k_lit.py:NAME`; tower swaps joined with "+", e.g. `:lite2+mpnet`, each a change to the
+Lite0 + MiniLM recipe with 4 views; `:lite0` is that recipe itself):
   linear     the reference point: linear heads on the head features, one caption per image, no views
   unfreeze   also fine-tunes the last two EfficientNet blocks and the last BERT layer, end to end (slow on CPU)
   lite1, lite2   EfficientNet-Lite1 (240 px) / Lite2 (260 px) as the image tower, at their native resolution
@@ -27,16 +28,24 @@ FLICKR8K = "captions:../shared/data/flickr8k"
 FROZEN = ("image_tower/.*", "text_tower/.*")
 
 
-SWAPS = ("lite1", "lite2", "mpnet", "views1")
+# The recipe below is EfficientNet-Lite0 + MiniLM with 4 cached views; these change it ("lite0" and "minilm" name
+# its own towers), and the default is the recipe with DEFAULT's swaps.
+SWAPS = ("lite0", "lite1", "lite2", "minilm", "mpnet", "views1")
+DEFAULT: tuple[str, ...] = ()
 
 
 def get_config(arg: str | None = None) -> TrainConfig:
-    parts = arg.split("+") if arg else []
-    if len(parts) > 1 or (parts and parts[0] in SWAPS):
-        if unknown := [p for p in parts if p not in SWAPS]:
-            raise ValueError(f"configs/flickr8k_lit.py: tower swaps are {', '.join(SWAPS)} (joined with +), "
-                             f"not {', '.join(map(repr, unknown))}")  # fmt: skip
-        return swap_towers(get_config(), parts)
+    parts = arg.split("+") if arg else list(DEFAULT)
+    if arg in ("linear", "unfreeze"):
+        return recipe(arg)
+    if unknown := [p for p in parts if p not in SWAPS]:
+        raise ValueError(f"configs/flickr8k_lit.py knows the variants 'linear' and 'unfreeze' and the tower swaps "
+                         f"{', '.join(SWAPS)} (joined with +), not {', '.join(map(repr, unknown))}")  # fmt: skip
+    return swap_towers(recipe(), parts)
+
+
+def recipe(arg: str | None = None) -> TrainConfig:
+    """Lite0 + MiniLM, 4 views; `arg` "linear" (the reference point) or "unfreeze" (fine-tuning its last layers)."""
     model = ModelConfig(
         image=EfficientNetConfig(image_size=224, features="multi"),
         text=BertConfig(max_len=64),
@@ -90,19 +99,20 @@ def get_config(arg: str | None = None) -> TrainConfig:
             config, optim=dataclasses.replace(config.optim, lr=2e-4, freeze=frozen), cached_features=False,
             captions_per_image=1, feature_views=1, batch_size=64, steps=2000, eval_every=500,
         )  # fmt: skip
-    elif arg is not None:
-        raise ValueError(f"configs/flickr8k_lit.py knows the variants 'linear' and 'unfreeze', not {arg!r}")
     return config
 
 
 def swap_towers(config: TrainConfig, swaps: list[str]) -> TrainConfig:
-    """The default recipe with other towers (and the matching resolution and tokenizer), everything else equal."""
+    """The recipe with other towers (and the matching resolution and tokenizer), everything else equal."""
     model, data = config.model, config.data
     for swap in swaps:
-        if swap in ("lite1", "lite2"):
+        if swap in ("lite0", "lite1", "lite2"):
             size = VARIANTS[swap][2]
             model = dataclasses.replace(model, image=dataclasses.replace(model.image, variant=swap, image_size=size))
             data = dataclasses.replace(data, image_size=size)
+        elif swap == "minilm":
+            model = dataclasses.replace(model, text=BertConfig(max_len=data.max_len))
+            data = dataclasses.replace(data, tokenizer="wordpiece")
         elif swap == "mpnet":
             model = dataclasses.replace(model, text=MPNetConfig(max_len=data.max_len))
             data = dataclasses.replace(data, tokenizer="mpnet")

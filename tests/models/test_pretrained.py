@@ -23,6 +23,8 @@ from jaxmr.models.efficientnet import pretrained_params as efficientnet_params
 from jaxmr.models.torch_io import CheckpointFormatError, load_torch_checkpoint, merge_strict
 from jaxmr.text import minilm_model_dir, minilm_wordpiece
 
+from conftest import ROOT
+
 torch = pytest.importorskip("torch")
 
 
@@ -464,3 +466,24 @@ def test_feature_batches_draw_one_view_per_image_and_augmented_views_are_determi
     )
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, plain)
+
+
+def test_lit_config_swaps_towers_with_their_resolution_and_tokenizer():
+    from jaxmr.config import load_config_file, to_dict
+    from jaxmr.models import MPNetConfig
+
+    spec = str(ROOT / "configs" / "flickr8k_lit.py")
+    both = load_config_file(f"{spec}:lite2+mpnet+views1")
+    assert (both.model.image.variant, both.model.image.image_size, both.data.image_size) == ("lite2", 260, 260)
+    assert isinstance(both.model.text, MPNetConfig) and both.data.tokenizer == "mpnet" and both.feature_views == 1
+    recipe = load_config_file(f"{spec}:lite0+minilm")
+    assert (recipe.model.image.variant, recipe.data.tokenizer, recipe.feature_views) == ("lite0", "wordpiece", 4)
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("lit", spec)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    default = f"{spec}:{'+'.join(module.DEFAULT) or 'lite0'}"
+    assert to_dict(load_config_file(spec)) == to_dict(load_config_file(default))
+    with pytest.raises(ValueError, match="tower swaps lite0, lite1"):
+        load_config_file(f"{spec}:lite2+lite9")
