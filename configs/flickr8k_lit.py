@@ -1,7 +1,7 @@
 """LiT on real photos: frozen ImageNet towers (by default EfficientNet-Lite2 at 260 px and all-MiniLM-L6-v2),
 trained projection heads, Flickr8k train -> dev. The towers ship in PyPI wheels, so nothing is downloaded.
 The default (`DEFAULT` below: Lite2, one cached view) reached dev t->i / i->t R@1 0.281 / 0.357 against the
-Lite0 recipe's 0.264 / 0.332, in about 21 minutes from scratch on 2 CPU cores; `:lite2+mpnet+views1` (after
+Lite0 recipe's 0.264 / 0.332, in about 22 minutes from scratch on 2 CPU cores; `:lite2+mpnet+views1` (after
 `make mpnet`) is better still and slower (docs/pretrained.md has the ablation).
 
     jaxmr train --config configs/flickr8k_lit.py --workdir runs/flickr8k_lit
