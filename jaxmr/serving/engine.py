@@ -302,9 +302,9 @@ class Engine:
     def projection(self, n: int) -> dict[str, Any]:
         """A 2-D t-SNE of `settings.projection_points` images (a fixed random sample) with each image's k-means
         group (over the embeddings, not the 2-D points) and each group's size and most typical caption words,
-        computed once per index version: the first `n` of its
-        points (a random subset). Requests that arrive while it is computed wait for that one computation, so no
-        request costs more than one t-SNE per change of the index."""
+        computed once per index version: the first `n` of its points (a random subset). Requests that arrive while
+        it is computed wait for that one computation, so no request costs more than one t-SNE per change of the
+        index."""
         with self._projection_lock:
             version = self.searcher.generation
             if self._projection.get("version") != version:
