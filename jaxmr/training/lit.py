@@ -122,7 +122,8 @@ class FeatureBatches:
 
     Each epoch visits the readable, captioned images in a fresh order; a batch holds batch_size / k images and
     k of each image's captions (distinct when it has k), with `index` naming the image so that all k are
-    positives. Yields {"image": [B, Wi], "text": [B, Wt], "index": int32 [B]} placed on the mesh.
+    positives. Yields {"image": [B / k, Wi], "text": [B, Wt], "index": int32 [B]} placed on the mesh: each
+    image's features once (its head runs once, `step.head_forward`), its k captions in a row.
     """
 
     def __init__(self, features: Features, batch_size: int, captions_per_image: int, seed: int, sharding):
@@ -151,14 +152,11 @@ class FeatureBatches:
             texts.extend(rng.choice(captions, self.k, replace=len(captions) < self.k))
             ids.extend([slot] * self.k)
         f = self.features
-        rows = self.images[np.repeat(order, self.k)]
-        if f.image.ndim == 3:  # one view per image, drawn anew each step; all k copies of an image share it
-            views = np.repeat(rng.integers(0, f.image.shape[0], len(order)), self.k)
-            image = f.image[views, rows]
-        else:
-            image = f.image[rows]
+        rows = self.images[order]
+        if f.image.ndim == 3:  # one view per image, drawn anew each step
+            rows = (rng.integers(0, f.image.shape[0], len(order)), rows)
         return {
-            "image": image,
+            "image": f.image[rows],
             "text": f.text[np.asarray(texts)],
             "index": np.asarray(ids, np.int32),
         }

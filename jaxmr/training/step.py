@@ -99,9 +99,14 @@ def dual_forward(model: DualEncoder, images: jax.Array, texts: jax.Array, key: j
 
 
 def head_forward(model: DualEncoder, image_features: jax.Array, text_features: jax.Array, key: jax.Array | None):
-    """LiT on cached tower features [B, Wi], [B, Wt]: only the projection heads run (dropout when keyed)."""
+    """LiT on cached tower features [B, Wi], [B * k, Wt]: only the projection heads run (dropout when keyed).
+
+    With k captions per image each image's head runs once and its embedding is repeated (as `dual_forward`
+    does), so zimg and ztxt are both [B * k, E], row r of one matching row r of the other."""
     ki, kt = (None, None) if key is None else jax.random.split(key)
     zimg, ztxt = model.project_image(image_features, ki), model.project_text(text_features, kt)
+    if zimg.shape[0] != ztxt.shape[0]:
+        zimg = jnp.repeat(zimg, ztxt.shape[0] // zimg.shape[0], axis=0)
     return l2_normalize(zimg), l2_normalize(ztxt), {"t": model.logit_scale, "b": model.b[...]}
 
 
@@ -210,13 +215,14 @@ class Trainable:
 def build(config: TrainConfig, mesh: jax.sharding.Mesh) -> Trainable:
     axes = batch_axes(mesh)
     shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    k = config.captions_per_image  # a batch holds batch_size / k images (each embedded once), sharded like it
     for name, size in (
-        ("batch_size", config.batch_size // config.grad_accum),
+        ("batch_size / grad_accum" if config.grad_accum > 1 else "batch_size", config.batch_size // config.grad_accum),
+        ("batch_size / captions_per_image / grad_accum", config.batch_size // k // config.grad_accum),
         ("eval_batch_size", config.eval_batch_size),
     ):
         if size % shards:
-            what = "batch_size / grad_accum" if name == "batch_size" and config.grad_accum > 1 else name
-            raise ValueError(f"{what} = {size} does not split over the {shards} devices of the batch axes {axes}")
+            raise ValueError(f"{name} = {size} does not split over the {shards} devices of the batch axes {axes}")
     graphdef, abstract_params, variables = model_graph(config.model)
     tx, schedule = make_optimizer(config.optim, config.steps, abstract_params)
     params_sharding = nnx.to_pure_dict(param_shardings(variables, mesh))
