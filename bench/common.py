@@ -101,8 +101,8 @@ def write_results(
     out: str | os.PathLike | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Writes `<name>-<machine>.json` and `.md` under bench/results (or `out`) and refreshes the index README;
-    `extra` adds keys to the JSON beside the records."""
+    """Writes `<name>-<machine>.json` and `.md` under bench/results (or `out`) and refreshes the index README
+    when they land there; `extra` adds keys to the JSON beside the records."""
     info = machine()
     path = Path(out) if out else RESULTS / f"{name}-{info['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def write_results(
     md = f"## {title}\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['accelerator']}; {info['date']}.\n\n"
     md += table + "\n" + (f"\n{notes}\n" if notes else "")
     path.with_suffix(".md").write_text(md)
-    if out is None:
+    if path.resolve().parent == RESULTS.resolve():  # a table in bench/results joins the index
         refresh_index()
     return path
 

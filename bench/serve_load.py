@@ -1,10 +1,12 @@
 """Latency and throughput of `POST /api/search` under 1, 8 and 32 concurrent clients on loopback.
 
     python -m bench.serve_load --workdir runs/demo/shapes_tiny --size 1000000 [--seconds 20] [--quick]
+    python -m bench.serve_load --workdir RUN_A --workdir RUN_B --size 100000   # text towers side by side
 
 The index holds `--size` synthetic vectors (`bench.common.clustered_vectors`, ScaNN auto-configured and
 calibrated); the text encoder is the run's real one, so every request tokenizes, encodes and searches. The
-server runs as `jaxmr serve` in its own process; the clients are asyncio + httpx in this one.
+server runs as `jaxmr serve` in its own process; the clients are asyncio + httpx in this one. With several
+`--workdir`s each run's server answers in turn over the same vectors (rows named by the run's text tower).
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ async def load(url: str, clients: int, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="a training run (its text encoder answers the queries)")
+    parser.add_argument(
+        "--workdir",
+        action="append",
+        help="a training run (its text encoder answers the queries); repeat it to compare runs in one measurement",
+    )
     parser.add_argument("--size", type=float, default=1e6)
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
     parser.add_argument("--clients", default="1,8,32")
@@ -68,46 +74,66 @@ def main() -> None:
     from jaxmr.index.build import write_index
 
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir or _smoke_run(Path(tmp) / "run")
+        workdirs = args.workdir or [_smoke_run(Path(tmp) / "run")]
         n = 5_000 if args.quick else int(args.size)
         seconds = 1.0 if args.quick else args.seconds
-        dim = _embed_dim(workdir)
+        dims = {_embed_dim(w) for w in workdirs}
+        if len(dims) > 1:
+            raise SystemExit(f"the runs embed in different sizes ({sorted(dims)}): one index cannot serve them all")
+        dim = dims.pop()
         vectors, text, _ = clustered_vectors(n, dim, 500)
-        index = Path(tmp) / "index"
-        start = time.perf_counter()
-        write_index(index, workdir, vectors, queries=text, description=f"synthetic clustered {n}")
-        build_s = time.perf_counter() - start
-        del vectors
-        env = dict(os.environ, JAXMR_INDEX=str(index), JAXMR_PORT=str(args.port))
-        if args.quick:  # a smoke test: no figures are kept, so no compiling of every bucket first
-            env["JAXMR_WARM_UP"] = "0"
-        server = subprocess.Popen([sys.executable, "-m", "jaxmr.cli", "serve"], env=env, stdout=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{args.port}"
-            _wait_ready(url, server)
-            records = []
-            for clients in [int(c) for c in args.clients.split(",")]:
-                record = {"index_size": n, "dim": dim, **asyncio.run(load(url, clients, seconds))}
+        records = []
+        for number, workdir in enumerate(workdirs):
+            index = Path(tmp) / f"index{number}"
+            start = time.perf_counter()
+            write_index(index, workdir, vectors, queries=text, description=f"synthetic clustered {n}")
+            build_s = time.perf_counter() - start
+            for record in _serve(index, args.port, [int(c) for c in args.clients.split(",")], seconds, args.quick):
+                record = {"text_tower": _text_tower(workdir), "index_size": n, "dim": dim, **record}
                 records.append(record)
                 print(record, flush=True)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        del vectors
     notes = (
         f"`POST /api/search` with a text query and k=10 against {n:,} synthetic {dim}-d vectors (ScaNN "
         f"auto-configured, built in {build_s:.0f} s) with the run's real text encoder; clients and server share "
         "the machine's cores, so the figures include the clients' own cost. Micro-batching groups concurrent "
         "queries into one encoder call and one search."
     )
-    columns = ["index_size", "dim", "clients", "requests", "errors", "p50_ms", "p99_ms", "requests_per_s"]
+    columns = ["text_tower", "index_size", "dim", "clients", "requests", "errors", "p50_ms", "p99_ms", "requests_per_s"]
     path = write_results("serve_load", records, columns, "Search server under load", notes, args.out)
     print(f"wrote {path}")
 
 
-def _embed_dim(workdir: str) -> int:
+def _serve(index: Path, port: int, levels: list[int], seconds: float, quick: bool) -> list[dict]:
+    """`jaxmr serve` on `index` in its own process, loaded by each number of clients in turn."""
+    env = dict(os.environ, JAXMR_INDEX=str(index), JAXMR_PORT=str(port))
+    if quick:  # a smoke test: no figures are kept, so no compiling of every bucket first
+        env["JAXMR_WARM_UP"] = "0"
+    server = subprocess.Popen([sys.executable, "-m", "jaxmr.cli", "serve"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, server)
+        return [asyncio.run(load(url, clients, seconds)) for clients in levels]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _config(workdir: str) -> dict:
     import json
 
-    return json.loads((Path(workdir) / "config.json").read_text())["model"]["embed_dim"]
+    return json.loads((Path(workdir) / "config.json").read_text())
+
+
+def _embed_dim(workdir: str) -> int:
+    return _config(workdir)["model"]["embed_dim"]
+
+
+def _text_tower(workdir: str) -> str:
+    """The run's text tower in a word: MPNet, BERT (MiniLM) or the Transformer with its width and depth."""
+    text = _config(workdir)["model"]["text"]
+    names = {"MPNetConfig": "MPNet", "BertConfig": "MiniLM (BERT)"}
+    return names.get(text["__type__"], f"Transformer {text.get('width')}x{text.get('depth')}")
 
 
 def _smoke_run(workdir: Path) -> str:

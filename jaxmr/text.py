@@ -151,6 +151,16 @@ class SentencePieceTokenizer:
         self.__init__(state["model"], state["max_len"], state["lower"])
 
 
+def cut_padding(tokens: np.ndarray, pad_id: int, lengths: Iterable[int]) -> np.ndarray:
+    """int [N, L] -> int [N, L']: the trailing padding cut to the shortest of `lengths` (or L) that keeps every
+    row's tokens. For text towers whose features padding leaves unchanged (`padding_is_inert`), the features are
+    the same and short texts cost less; a few fixed lengths keep the set of compiled shapes small."""
+    tokens = np.asarray(tokens)
+    used = np.flatnonzero((tokens != pad_id).any(axis=0))
+    longest = int(used[-1]) + 1 if len(used) else 1
+    return tokens[:, : min([n for n in lengths if longest <= n < tokens.shape[1]], default=tokens.shape[1])]
+
+
 def load_tokenizer(directory: str | os.PathLike, max_len: int | None = None) -> Tokenizer | SentencePieceTokenizer:
     """A tokenizer saved with `Tokenizer.save` or `SentencePieceTokenizer.save`."""
     directory = Path(directory)

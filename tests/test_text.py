@@ -51,3 +51,17 @@ def test_minilm_wordpiece_matches_bert_ids():
     assert tokenizer.decode(tokenizer.encode("Hello World")) == ["hello world"]
     again = pickle.loads(pickle.dumps(tokenizer))
     assert np.array_equal(again.encode(["Hello world"]), ids[:1])
+
+
+def test_cut_padding_keeps_every_token_at_the_shortest_allowed_length():
+    from jaxmr.text import cut_padding
+
+    tokens = np.zeros((3, 64), np.int32)
+    tokens[0, :5], tokens[1, :17], tokens[2, :3] = 7, 8, 9
+    assert cut_padding(tokens, 0, (16, 32)).shape == (3, 32)  # the longest row has 17 tokens
+    np.testing.assert_array_equal(cut_padding(tokens, 0, (16, 32)), tokens[:, :32])
+    assert cut_padding(tokens[[0, 2]], 0, (16, 32)).shape == (2, 16)
+    assert cut_padding(tokens, 0, (8, 16)).shape == (3, 64)  # none holds 17: the full length
+    assert cut_padding(tokens, 0, range(8, 64, 8)).shape == (3, 24)
+    assert cut_padding(np.ones((2, 64), np.int32), 1, (16,)).shape == (2, 16)  # all padding
+    assert cut_padding(tokens, 0, (128,)).shape == (3, 64)  # never longer than the tokens

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxmr.config import TrainConfig
 from jaxmr.data.eval_batches import EvalStats, eval_caption_batches, eval_image_batches
 from jaxmr.evaluators import Evaluator, Images, parse_evaluator
-from jaxmr.text import Tokenizer
+from jaxmr.text import Tokenizer, cut_padding
 from jaxmr.training.step import Trainable
 
 
@@ -69,7 +69,7 @@ class TrainEmbedder:
         return zimg, valid
 
     def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """[C, E]. Captions go shortest first, each batch cut to its longest caption (rounded up to 16 tokens)
+        """[C, E]. Captions go shortest first, each batch cut to its longest caption (rounded up to 8 tokens)
         where the text tower ignores padding: the features are the same and short captions cost less."""
         texts = list(texts)
         order = np.argsort([len(t) for t in texts], kind="stable")
@@ -79,9 +79,8 @@ class TrainEmbedder:
         ztxt = []
         for batch in tqdm(batches, total=total, desc="captions", unit="batch", disable=not progress, leave=False):
             tokens = batch["text"]
-            if self.trim_padding:
-                longest = int((tokens != self.tokenizer.pad_id).sum(1).max())
-                tokens = tokens[:, : min(-(-longest // 16) * 16, tokens.shape[1])]
+            if self.trim_padding:  # to a multiple of 8 tokens: an MPNet's captions cost 20 % less than at 16
+                tokens = cut_padding(tokens, self.tokenizer.pad_id, range(8, tokens.shape[1], 8))
             z = np.asarray(self.encode_text(self.params, jax.device_put(tokens, self.sharding)))
             ztxt.append(z[batch["mask"]])
         return np.concatenate(ztxt)[np.argsort(order)]

@@ -383,3 +383,25 @@ def test_a_tree_that_needs_every_leaf_becomes_ah_and_ties_count_as_found():
     col = Collection.create(ids, tied, pa.table({"id": ids}), AnnConfig(method="tree_ah", num_leaves=16))
     assert col.ann.method == "tree_ah" and col.calibration["recall_at_10"] >= 0.96, col.calibration
     assert col.ann.leaves_to_search <= 8
+
+
+def test_serving_encoder_cuts_text_padding_and_embeds_as_at_full_length(smoke_run, tmp_path):
+    """Queries are cut to 16 tokens (or 32, ... max_len) before the text tower: the same embeddings as the
+    full-length pass (float32, the same sums over fewer padded keys: within 1e-5), from shapes compiled once."""
+    import jax
+    from flax import nnx
+
+    from jaxmr.models import model_graph
+
+    export_model(smoke_run, tmp_path / "model")
+    encoder = Encoder.load(tmp_path / "model", buckets=(1, 4))
+    assert encoder.text_lengths == (16, 32) and encoder.warm_up() == 2 + 2 * 2  # image x 2 buckets, text x 2 x 2
+    compiled = encoder.compiled_count()
+    texts = ["a red circle", "a large blue square above a small green star left of a purple diamond and a circle"]
+    tokens = encoder.tokenizer.encode(texts)
+    assert (tokens[0] != encoder.tokenizer.pad_id).sum() <= 16 < (tokens[1] != encoder.tokenizer.pad_id).sum()
+    model = nnx.merge(model_graph(encoder.config.model)[0], jax.device_get(encoder.params))
+    full = np.asarray(model.encode_text(tokens))
+    np.testing.assert_allclose(encoder.encode_texts(texts[:1]), full[:1], atol=1e-5)  # cut to 16 tokens
+    np.testing.assert_allclose(encoder.encode_texts(texts), full, atol=1e-5)  # the long one keeps 32
+    assert encoder.compiled_count() == compiled
