@@ -69,11 +69,13 @@ class ProjectionHead(nnx.Module):
         self.fc2 = dense(hidden, dout, ("mlp", None), rngs=rngs, dtype=dtype, init=nnx.initializers.zeros_init())
         self.dropout = dropout
 
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.gelu(self.fc1(self.norm(x)))
+    def __call__(self, x: jax.Array, key: jax.Array | None = None, repeat: int = 1) -> jax.Array:
+        """x [B, din] -> [B * repeat, dout]: each row's output `repeat` times in a row, the hidden dropout drawn
+        for each copy (so k captions of one image see k dropouts of its head, at the cost of one fc1)."""
+        h = jnp.repeat(jax.nn.gelu(self.fc1(self.norm(x))), repeat, axis=0)
         if key is not None:
             h = dropout(h, self.dropout, key)
-        return self.linear(x) + self.fc2(h)
+        return jnp.repeat(self.linear(x), repeat, axis=0) + self.fc2(h)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -136,21 +138,23 @@ class DualEncoder(nnx.Module):
         """uint8 [B, H, W, 3] -> the image tower's output [B, image width] (what LiT caches)."""
         return self.image_tower(self._pixels(images))
 
-    def project_image(self, features: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """Image tower features [B, width] -> unnormalised float32 [B, embed_dim] (`key` enables head dropout)."""
-        return self._project(self.image_proj, features, key)
+    def project_image(self, features: jax.Array, key: jax.Array | None = None, repeat: int = 1) -> jax.Array:
+        """Image tower features [B, width] -> unnormalised float32 [B * repeat, embed_dim] (`key` enables head
+        dropout; `repeat` gives each image's embedding that many times, with its own hidden dropout each)."""
+        return self._project(self.image_proj, features, key, repeat)
 
     def project_text(self, features: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Text tower features [B, width] -> unnormalised float32 [B, embed_dim]."""
         return self._project(self.text_proj, features, key)
 
-    def _project(self, head: nnx.Module, features: jax.Array, key: jax.Array | None) -> jax.Array:
-        if key is None:
-            out = head(features)
-        else:
-            k_in, k_head = jax.random.split(key)
+    def _project(self, head: nnx.Module, features: jax.Array, key: jax.Array | None, repeat: int = 1) -> jax.Array:
+        k_in, k_head = (None, None) if key is None else jax.random.split(key)
+        if key is not None:
             features = dropout(features, self.config.head_input_dropout, k_in)
-            out = head(features, k_head) if isinstance(head, ProjectionHead) else head(features)
+        if isinstance(head, ProjectionHead):
+            out = head(features, k_head, repeat)
+        else:
+            out = jnp.repeat(head(features), repeat, axis=0)
         return out.astype(jnp.float32)
 
     def image_features(self, images: jax.Array) -> jax.Array:

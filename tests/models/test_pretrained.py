@@ -288,7 +288,7 @@ def test_mpnet_padding_does_not_change_features(mpnet):
     np.testing.assert_allclose(np.asarray(mpnet(tokens)), np.asarray(mpnet(tokens[:, :16])), atol=1e-5)
 
 
-def test_mpnet_archive_is_reassembled_checked_and_refused_when_partial(tmp_path, monkeypatch):
+def test_mpnet_archive_is_reassembled_checked_and_refused_when_partial(tmp_path, monkeypatch, capsys):
     import hashlib
     import zipfile
 
@@ -323,6 +323,14 @@ def test_mpnet_archive_is_reassembled_checked_and_refused_when_partial(tmp_path,
     monkeypatch.setattr(mpnet_module, "PARTS", missing)
     with pytest.raises(WeightsError, match=r"part-999\). Install them with: make mpnet"):
         mpnet_module.part_files()
+
+    # the CLI says so in one line, before any training
+    from jaxmr.cli import main
+
+    monkeypatch.setenv("JAXMR_CACHE", str(tmp_path / "empty_cache"))  # no folder assembled before
+    config = str(ROOT / "configs" / "flickr8k_lit.py:mpnet")
+    assert main(["train", "--config", config, "--workdir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "Install them with: make mpnet" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ LiT, cached features
