@@ -228,7 +228,7 @@ def test_projection_head_repeats_each_row_with_its_own_hidden_dropout():
     from jaxmr.models.dual_encoder import ProjectionHead
 
     head = ProjectionHead(8, 4, 16, dropout=0.5, rngs=nnx.Rngs(0))
-    head.fc2.kernel.value = jax.random.normal(jax.random.key(1), head.fc2.kernel.value.shape)  # zero-initialised
+    head.fc2.kernel[...] = jax.random.normal(jax.random.key(1), head.fc2.kernel.shape)  # zero-initialised
     x = jax.random.normal(jax.random.key(2), (3, 8))
     once = head(x)
     np.testing.assert_array_equal(head(x, repeat=5), jnp.repeat(once, 5, axis=0))
