@@ -154,9 +154,8 @@ class Encoder:
         return center_square(pil, self.image_size)
 
     def warm_up(self) -> int:
-        """Compiles every bucket of both encoders (each text length for text); returns how many shapes compiled."""
+        """Compiles every bucket of both encoders (each text length for text); returns `compiled_count()`."""
         tokens = lambda b, n=self.tokenizer.max_len: np.zeros((b, n), np.int32)
-        count = 0
         for (kind, bucket), (fn, sharding) in self._jitted.items():
             inputs = {
                 "image": lambda b: [[np.zeros((b, self.image_size, self.image_size, 3), np.uint8)]],
@@ -166,8 +165,7 @@ class Encoder:
             params = self.composer_params if kind == "compose" else self.params
             for shape in inputs:
                 jax.block_until_ready(fn(params, *(jax.device_put(x, sharding) for x in shape)))
-                count += 1
-        return count
+        return self.compiled_count()
 
     def compiled_count(self) -> int:
         """Compiled executables across all buckets (a warmed encoder answers every request from these)."""

@@ -215,12 +215,12 @@ class Trainable:
 def build(config: TrainConfig, mesh: jax.sharding.Mesh) -> Trainable:
     axes = batch_axes(mesh)
     shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-    k = config.captions_per_image  # a batch holds batch_size / k images (each embedded once), sharded like it
-    for name, size in (
-        ("batch_size / grad_accum" if config.grad_accum > 1 else "batch_size", config.batch_size // config.grad_accum),
-        ("batch_size / captions_per_image / grad_accum", config.batch_size // k // config.grad_accum),
-        ("eval_batch_size", config.eval_batch_size),
-    ):
+    sizes = [("batch_size / grad_accum" if config.grad_accum > 1 else "batch_size",
+              config.batch_size // config.grad_accum)]  # fmt: skip
+    if config.captions_per_image > 1:  # a batch holds batch_size / k images (each embedded once), sharded like it
+        sizes.append(("batch_size / captions_per_image / grad_accum",
+                      config.batch_size // config.captions_per_image // config.grad_accum))  # fmt: skip
+    for name, size in (*sizes, ("eval_batch_size", config.eval_batch_size)):
         if size % shards:
             raise ValueError(f"{name} = {size} does not split over the {shards} devices of the batch axes {axes}")
     graphdef, abstract_params, variables = model_graph(config.model)

@@ -99,6 +99,11 @@ def test_k_captions_per_image_embed_each_image_once():
         assert_close_in_norm(want[3], got[3])
     with pytest.raises(ValueError, match="grad_accum=4 micro-batches"):
         smoke(batch_size=12, captions_per_image=2, grad_accum=4)  # 6 images
+    mesh8 = make_mesh([("data", 8)])
+    with pytest.raises(ValueError, match=r"batch_size / captions_per_image / grad_accum = 4 does not split over the 8"):
+        build(smoke(batch_size=8, captions_per_image=2, eval_batch_size=8), mesh8)  # 8 captions, 4 images
+    with pytest.raises(ValueError, match=r"^batch_size = 12 does not split over the 8"):
+        build(smoke(batch_size=12, eval_batch_size=8), mesh8)
 
 
 def test_freezing_by_regex_and_clear_errors():
