@@ -38,6 +38,9 @@ class DataConfig:
     # wds: / parquet: sources: stream each process's shards through a shuffle buffer of this many samples instead
     # of reading them at random (jaxmr.data.stream; for shards too many to index); 0: random access
     stream_buffer: int = 0
+    # streaming: each process draws shards with replacement (OpenCLIP's --dataset-resampled, how LAION is trained):
+    # an "epoch" is then ceil(shards / processes) draws per process, a sample count rather than a pass
+    resampled: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,9 @@ class TrainConfig:
     eval_every: int = 500  # and at the end
     eval_batch_size: int = 256
     checkpoint_every: int = 500  # and at the end
+    # a multi-process run asks every process whether one was told to stop (SIGTERM / SIGINT) every this many steps
+    # (an all-gather, which waits for the device): a preempted run saves within this many steps
+    stop_check_every: int = 10
     keep_checkpoints: int = 2  # the latest K, plus the best by best_metric
     best_metric: str = "t2i_r1"  # higher is better; a key of the evaluation's metrics
     # What every evaluation runs (`jaxmr.evaluators`): "retrieval" (R@K both ways), "classes" (class-name
@@ -115,8 +121,10 @@ class TrainConfig:
                              f"grad_accum={self.grad_accum} micro-batches")  # fmt: skip
         if not self.evaluators:
             raise ValueError("evaluators must name at least one evaluator (e.g. ('retrieval',))")
-        if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every) < 1:
-            raise ValueError("steps, log_every, eval_every and checkpoint_every must be positive")
+        if min(self.steps, self.log_every, self.eval_every, self.checkpoint_every, self.stop_check_every) < 1:
+            raise ValueError("steps, log_every, eval_every, checkpoint_every and stop_check_every must be positive")
+        if self.data.resampled and self.data.stream_buffer < 1:
+            raise ValueError("data.resampled draws shards for streaming: set data.stream_buffer > 0 too")
 
 
 @dataclasses.dataclass(frozen=True)

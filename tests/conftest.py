@@ -17,6 +17,9 @@ if "JAXMR_CACHE" not in os.environ:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXMR_CACHE"], "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+import io
+import json
+import tarfile
 import time
 from pathlib import Path
 
@@ -99,3 +102,63 @@ def assert_close_in_norm(want, got, rel: float = 2e-5, floor: float = 1e-6) -> N
         assert a.shape == b.shape
         error, bound = np.linalg.norm(a - b), rel * np.linalg.norm(a) + floor * total
         assert error <= bound, f"error {error:.3e} over {bound:.3e} (leaf norm {np.linalg.norm(a):.3e})"
+
+
+# ----------------------------------------------------- webdataset shards (tests/data, tests/training)
+
+COLOURS = ["red", "green", "blue", "white", "yellow", "purple"]
+
+
+def jpeg(value: int) -> bytes:
+    pixels = np.full((24, 32, 3), value, np.uint8)
+    pixels[:, :16, 1] = 255 - value
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, shards: int = 3, per_shard: int = 20) -> dict:
+    """img2dataset-like shards 00000.tar ...: jpg + txt + json per sample; in shard 0 one sample whose jpg does
+    not decode, one with its caption only in the json, one with no caption, one with no image; the last shard
+    cut off in the middle of a member. Returns what a reader should find."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good, n = [], 0
+    for s in range(shards):
+        path = folder / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                caption = f"a {COLOURS[n % 6]} square number {n}"
+                meta = {"url": f"http://example.com/{key}.jpg", "width": 32}
+                if s == 0 and i == 1:
+                    add(tar, f"{key}.jpg", b"not a jpeg at all")
+                    add(tar, f"{key}.txt", caption.encode())
+                    good.append((key, caption, False))  # read, then counted as unreadable by the pipeline
+                elif s == 0 and i == 2:
+                    add(tar, f"{key}.jpg", jpeg(n))
+                    add(tar, f"{key}.json", json.dumps({**meta, "caption": caption}).encode())
+                    good.append((key, caption, True))
+                elif s == 0 and i == 3:
+                    add(tar, f"{key}.jpg", jpeg(n))  # no caption anywhere
+                elif s == 0 and i == 4:
+                    add(tar, f"{key}.txt", caption.encode())  # no image
+                else:
+                    add(tar, f"{key}.jpg", jpeg(n))
+                    add(tar, f"{key}.txt", caption.encode())
+                    add(tar, f"{key}.json", json.dumps(meta).encode())
+                    good.append((key, caption, True))
+                n += 1
+    last = folder / f"{shards - 1:05d}.tar"
+    data = last.read_bytes()
+    with tarfile.open(last) as tar:
+        members = tar.getmembers()
+    assert members[-3].name.endswith(".jpg")
+    last.write_bytes(data[: members[-3].offset_data + 10])  # cut inside the last sample's jpg
+    cut = members[-3].name.split(".")[0]
+    return {"good": [g for g in good if g[0] != cut], "cut_sample": cut}

@@ -54,6 +54,7 @@ class StreamConfig:
     buffer: int = 1000  # shuffle buffer, samples per process
     num_epochs: int | None = None  # None: forever
     read_threads: int = 4  # decoding threads per process
+    resampled: bool = False  # each process draws units with replacement (OpenCLIP's --dataset-resampled)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.image_size < 1 or self.buffer < 1 or self.read_threads < 1:
@@ -177,63 +178,91 @@ class CaptionSample:
 
 # ------------------------------------------------------------------------------------------- the stream
 
+SAMPLE_BITS = 32  # a sample's id: unit << 32 | its ordinal in the unit (int64: 2^31 units of 2^32 samples)
 
-class StreamIterator:
-    """Training batches streamed from shard units (see the module docstring): `next()` gives image uint8
-    [B, S, S, 3], text int32 [B, L], index int32 [B] (the sample's unit * 2^20 + its ordinal in the unit, for
-    checks) — global arrays with a mesh. `get_state` / `set_state` resume at exactly the next batch."""
 
-    def __init__(self, units, tokenizer: Tokenizer, config: StreamConfig, process_index: int = 0,
-                 process_count: int = 1, mesh=None, data_axes="data"):  # fmt: skip
-        if config.batch_size % process_count:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
-        if len(units) < process_count:
-            raise DataError(f"{units.name}: {len(units)} units cannot give each of {process_count} processes one")
-        self.units, self.tokenizer, self.config = units, tokenizer, config
+def sample_id(unit: int, ordinal: int) -> int:
+    """The stream's id of a sample: unique over every unit and sample count a source can have (int64)."""
+    return (unit << SAMPLE_BITS) | ordinal
+
+
+class StreamPlan:
+    """Where a process is in the stream, without reading an image: the unit order of each epoch (drawn from
+    (seed, epoch), or with replacement per process when `resampled`), the position inside the current unit, the
+    shuffle buffer (references plus whatever the units yield for them) and its RNG. `units` needs only
+    `len`, `read_from` and `read_at` (see TarUnits), so a planner over 100,000 virtual units runs in a test.
+
+    Memory and start-up are O(units / processes) plus the buffer: one epoch's order of this process's units is
+    drawn when the epoch begins, and nothing is kept per sample but the buffered ones."""
+
+    def __init__(self, units, config: StreamConfig, process_index: int = 0, process_count: int = 1):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in 0..{process_count - 1}, got {process_index}")
+        if len(units) < process_count and not config.resampled:
+            raise DataError(f"{units.name}: {len(units)} units cannot give each of {process_count} processes one "
+                            "(or stream them resampled)")  # fmt: skip
+        if len(units) == 0:
+            raise DataError(f"{units.name}: no units to stream")
+        self.units, self.config = units, config
         self.process, self.processes = process_index, process_count
-        self.local_batch = config.batch_size // process_count
-        self._sharding = data_sharding(mesh, data_axes) if mesh is not None else None
-        self._pool = concurrent.futures.ThreadPoolExecutor(config.read_threads)
         self.skipped: collections.Counter = collections.Counter()
         self._orders: tuple[int, list[int]] = (-1, [])
-        self._start({"epoch": 0, "unit": 0, "position": 0, "ordinal": 0, "buffer": [], "rng": None})
+        self.set_state(
+            {
+                "epoch": 0,
+                "unit": 0,
+                "position": 0,
+                "ordinal": 0,
+                "buffer": [],
+                "rng": None,
+                "resampled": config.resampled,
+            }
+        )
 
-    # ---- where it is
-
-    def _order(self, epoch: int) -> list[int]:
-        """This process's units in epoch `epoch` (drawn once per epoch, not once per sample)."""
+    def order(self, epoch: int) -> list[int]:
+        """This process's units in epoch `epoch`: units p, p + P, ... of the epoch's permutation, or, resampled,
+        ceil(n / P) units drawn with replacement from (seed, process, epoch) — an epoch is then a sample count
+        (about the source's size over all processes), not a pass over every unit."""
         if self._orders[0] != epoch:
-            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.units))
-            self._orders = (epoch, [int(u) for u in order[self.process :: self.processes]])
+            n = len(self.units)
+            if self.config.resampled:
+                draws = -(-n // self.processes)
+                order = np.random.default_rng([self.config.seed, 7, self.process, epoch]).integers(n, size=draws)
+            else:
+                order = np.random.default_rng([self.config.seed, epoch]).permutation(n)[self.process :: self.processes]
+            self._orders = (epoch, order.tolist())
         return self._orders[1]
 
-    def _start(self, state: dict[str, Any]) -> None:
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "unit": self.unit, "position": self.position, "ordinal": self.ordinal,
+                "buffer": [list(ref) for ref, _ in self.buffer], "rng": self.rng.bit_generator.state,
+                "skipped": dict(self.skipped), "process": self.process, "processes": self.processes,
+                "resampled": self.config.resampled}  # fmt: skip
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = (state.get("process", self.process), state.get("processes", self.processes))
+        if saved != (self.process, self.processes):  # a state is one process's position: never another's
+            raise DataError(f"this stream state is process {saved[0]} of {saved[1]}'s, not process "
+                            f"{self.process} of {self.processes}'s")  # fmt: skip
+        if bool(state.get("resampled", False)) != self.config.resampled:
+            raise DataError("this stream state was saved with data.resampled="
+                            f"{bool(state.get('resampled', False))}; the run has {self.config.resampled}")  # fmt: skip
         self.epoch, self.unit, self.position, self.ordinal = (int(state[k]) for k in ("epoch", "unit", "position",
                                                                                       "ordinal"))  # fmt: skip
         self.rng = np.random.default_rng([self.config.seed, 1_000_003, self.process])
         if state["rng"] is not None:
             self.rng.bit_generator.state = state["rng"]
-        # buffered samples: (unit, position, ordinal, epoch) and the sample itself, re-read after a restart
-        self.buffer = [(tuple(ref), self.units.read_at(ref[0], ref[1])) for ref in state["buffer"]]
+        # buffered samples: (unit, position, ordinal, epoch, slot) and the sample itself, re-read after a restart
+        self.buffer = [(_ref(ref), self.units.read_at(ref[0], ref[1])) for ref in state["buffer"]]
         self._reader = None
-
-    def get_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "unit": self.unit, "position": self.position, "ordinal": self.ordinal,
-                "buffer": [list(ref) for ref, _ in self.buffer], "rng": self.rng.bit_generator.state,
-                "skipped": dict(self.skipped)}  # fmt: skip
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._start(state)
         self.skipped = collections.Counter(state.get("skipped", {}))
 
-    # ---- reading
-
-    def _next_sample(self) -> tuple[tuple[int, int, int, int], dict[str, Any]] | None:
+    def _next_sample(self) -> tuple[tuple[int, ...], Any] | None:
         """The next usable sample of this process's units (None when the last epoch is done)."""
         while True:
             if self.config.num_epochs is not None and self.epoch >= self.config.num_epochs:
                 return None
-            order = self._order(self.epoch)
+            order = self.order(self.epoch)
             if self.unit >= len(order):
                 self.epoch, self.unit, self.position, self.ordinal, self._reader = self.epoch + 1, 0, 0, 0, None
                 continue
@@ -241,7 +270,7 @@ class StreamIterator:
             if self._reader is None:
                 self._reader = self.units.read_from(unit, self.position)
             for position, after, sample in self._reader:
-                ref = (unit, position, self.ordinal, self.epoch)
+                ref = (unit, position, self.ordinal, self.epoch, self.unit)
                 self.ordinal += 1
                 self.position = after
                 if isinstance(sample, str):
@@ -250,8 +279,9 @@ class StreamIterator:
                 return ref, sample
             self.unit, self.position, self.ordinal, self._reader = self.unit + 1, 0, 0, None
 
-    def _draw(self) -> tuple[tuple[int, int, int, int], dict[str, Any]] | None:
-        """One sample out of the shuffle buffer (filled first), or None when the stream is done and drained."""
+    def draw(self) -> tuple[tuple[int, ...], Any] | None:
+        """One (reference, sample) out of the shuffle buffer (filled first), or None when the stream is done
+        and drained."""
         while len(self.buffer) < self.config.buffer:
             nxt = self._next_sample()
             if nxt is None:
@@ -263,15 +293,54 @@ class StreamIterator:
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
         return self.buffer.pop()
 
+
+def _ref(ref) -> tuple[int, ...]:
+    """A buffered reference as saved; states from before the slot was kept get slot -1."""
+    ref = tuple(int(x) for x in ref)
+    return ref if len(ref) == 5 else (*ref, -1)
+
+
+class StreamIterator:
+    """Training batches streamed from shard units (see the module docstring): `next()` gives image uint8
+    [B, S, S, 3], text int32 [B, L] and index int32 [B] — the row of each example in the global batch, the
+    loss's pair id: unique in every batch at any shard count, a sample drawn twice is a negative of itself, as
+    in OpenCLIP — as global arrays with a mesh; and `sample` int64 [B_local], this process's samples'
+    `sample_id`s, kept on the host (for checks; the training loop drops it). `get_state` / `set_state` resume
+    at exactly the next batch."""
+
+    def __init__(self, units, tokenizer: Tokenizer, config: StreamConfig, process_index: int = 0,
+                 process_count: int = 1, mesh=None, data_axes="data"):  # fmt: skip
+        if config.batch_size % process_count:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
+        self.plan = StreamPlan(units, config, process_index, process_count)
+        self.units, self.tokenizer, self.config = units, tokenizer, config
+        self.local_batch = config.batch_size // process_count
+        self._rows = np.arange(self.local_batch, dtype=np.int32) + np.int32(process_index * self.local_batch)
+        self._sharding = data_sharding(mesh, data_axes) if mesh is not None else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(config.read_threads)
+
+    @property
+    def skipped(self) -> collections.Counter:
+        return self.plan.skipped
+
+    def get_state(self) -> dict[str, Any]:
+        return self.plan.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.plan.set_state(state)
+
     def _example(self, item) -> dict[str, Any] | str:
-        (unit, position, ordinal, epoch), sample = item
-        rng = np.random.default_rng([self.config.seed, epoch, unit, position])
+        (unit, position, ordinal, epoch, slot), sample = item
+        key = [self.config.seed, epoch, unit, position]
+        if self.config.resampled:  # one unit drawn twice (by one process or two) is cropped anew each time
+            key += [self.plan.process, slot]
+        rng = np.random.default_rng(key)
         try:
             image = decode(sample["image"], self.config.image_size, self.config.crop_scale, rng)
         except ImageReadError:
             return "undecodable image"
         caption = sample["captions"][int(rng.integers(len(sample["captions"])))]
-        return {"image": image, "text": self.tokenizer.encode([caption])[0], "index": np.int32(unit * 2**20 + ordinal)}
+        return {"image": image, "text": self.tokenizer.encode([caption])[0], "sample": sample_id(unit, ordinal)}
 
     def __iter__(self) -> StreamIterator:
         return self
@@ -279,16 +348,20 @@ class StreamIterator:
     def __next__(self) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         while len(rows) < self.local_batch:
-            drawn = [d for d in (self._draw() for _ in range(self.local_batch - len(rows))) if d is not None]
+            drawn = [d for d in (self.plan.draw() for _ in range(self.local_batch - len(rows))) if d is not None]
             if not drawn:
                 raise StopIteration
             for example in self._pool.map(self._example, drawn):
                 if isinstance(example, str):
-                    self.skipped[example] += 1
+                    self.plan.skipped[example] += 1
                 else:
                     rows.append(example)
-        batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-        return to_global(batch, self._sharding) if self._sharding is not None else batch
+        batch = {"image": np.stack([r["image"] for r in rows]), "text": np.stack([r["text"] for r in rows]),
+                 "index": self._rows.copy()}  # fmt: skip
+        samples = np.array([r["sample"] for r in rows], np.int64)
+        batch = to_global(batch, self._sharding) if self._sharding is not None else batch
+        batch["sample"] = samples
+        return batch
 
     @property
     def stats(self) -> dict[str, int]:

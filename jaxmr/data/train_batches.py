@@ -206,6 +206,9 @@ def train_iterator(
     """The training pipeline over `source` (see the module docstring); each process reads its own slice."""
     if len(source) == 0:
         raise DataError(f"{source.name}: the split is empty")
+    if len(source) >= 2**31:  # the record's index is the loss's pair id (int32 on the device)
+        raise DataError(f"{source.name}: {len(source)} records is more than random access numbers (2^31); "
+                        "stream it (data.stream_buffer > 0, optionally data.resampled)")  # fmt: skip
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if config.batch_size % process_count:

@@ -1,5 +1,13 @@
-"""What a run leaves in its workdir besides the config: orbax checkpoints (train state and the data iterator's
-position) and metrics as JSON lines plus TensorBoard events."""
+"""What a run leaves in its workdir besides the config: orbax checkpoints (train state and the data iterators'
+positions) and metrics as JSON lines plus TensorBoard events.
+
+The data iterator's position is per process (its shards, offsets, shuffle buffer and RNG, or its grain state):
+every process writes its own, `data_state/step_N/process-P-of-N.json` beside the checkpoints, before the
+collective orbax save of that step, and after a restart every process reads its own back. orbax's `data` item
+holds only what describes them ({format, processes}). A restart with another process count is refused with one
+error (the positions cannot be re-split exactly: each process's stream is its own shards and buffer); a
+checkpoint from before (the state of process 0 alone, `JsonSave` writes from the primary) restores in a
+one-process run only."""
 
 from __future__ import annotations
 
@@ -16,8 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
+from jaxmr.data.records import DataError
 from jaxmr.files import write_text
 from jaxmr.training.step import TrainState
+
+DATA_STATE_FORMAT = 2  # 1 (no "format" key): the data item is process 0's iterator state itself
 
 # --------------------------------------------------------------------------------------------- checkpoints
 
@@ -47,19 +58,71 @@ class Checkpoints:
         ])  # fmt: skip
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self.data_dir = directory.absolute().parent / "data_state"
+        self.process, self.processes = jax.process_index(), jax.process_count()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_state: dict, metrics: dict | None = None) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+    def data_state_path(self, step: int, process: int | None = None, processes: int | None = None) -> Path:
+        """Where process `process` of `processes` (default: this one) keeps its data state of step `step`."""
+        process = self.process if process is None else process
+        processes = self.processes if processes is None else processes
+        return self.data_dir / f"step_{step}" / f"process-{process}-of-{processes}.json"
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    def save(self, step: int, state: TrainState, data_state: dict, metrics: dict | None = None) -> None:
+        # this process's position first (atomically): the collective save below finalises the step only after
+        # every process got there, so a finished checkpoint always has every process's file
+        write_text(self.data_state_path(step), json.dumps(data_state))
+        meta = {"format": DATA_STATE_FORMAT, "processes": self.processes}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+        if self.process == 0:
+            self._drop_data_states(keep={step, *self.manager.all_steps()})
+
+    def _drop_data_states(self, keep: set[int]) -> None:
+        """The data states of steps whose checkpoint orbax no longer keeps (older than the newest kept)."""
+        newest = max(keep)
+        for folder in self.data_dir.glob("step_*"):
+            number = folder.name.removeprefix("step_")
+            if number.isdigit() and int(number) not in keep and int(number) < newest:
+                for file in folder.iterdir():
+                    file.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+    def restore(self, abstract_state: TrainState, step: int | None = None, data: bool = True
+                ) -> tuple[TrainState, dict | None]:  # fmt: skip
+        """(train state, this process's data state or None without `data`) of `step` (default: the latest).
+        Without `data` any process count reads the train state (evaluation, export)."""
         step = self.manager.latest_step() if step is None else step
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["data"]
+        return restored["state"], self.data_state(step, restored["data"]) if data else None
+
+    def data_state(self, step: int, meta: dict) -> dict:
+        """This process's data state of `step`, given orbax's `data` item (DataError when it cannot be had)."""
+        if meta.get("format") != DATA_STATE_FORMAT:  # an older checkpoint: process 0's state alone
+            if self.processes > 1:
+                raise DataError(f"checkpoint step {step} holds only process 0's data position (it was written "
+                                "before each process saved its own); resume it with one process, or start a new "
+                                "workdir")  # fmt: skip
+            return meta
+        saved = int(meta["processes"])
+        if saved != self.processes:
+            raise DataError(f"checkpoint step {step} was written by {saved} processes and this run has "
+                            f"{self.processes}: each process's data position (its shards, offsets, shuffle buffer, "
+                            f"RNG) is its own and cannot be re-split exactly; resume with {saved} processes, or "
+                            "start a new workdir with init_from=<an export of this run>")  # fmt: skip
+        path = self.data_state_path(step)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(
+                f"checkpoint step {step}: {path} is missing (each process's data position is kept there)"
+            ) from None
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -135,7 +135,8 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
     elif streaming:
         stream = StreamConfig(batch_size=config.batch_size, image_size=config.data.image_size, seed=config.seed,
                               crop_scale=config.data.crop_scale, buffer=config.data.stream_buffer,
-                              read_threads=max(config.data.read_threads, 1))  # fmt: skip
+                              read_threads=max(config.data.read_threads, 1),
+                              resampled=config.data.resampled)  # fmt: skip
         index, count = distributed.share()
         iterator = StreamIterator(units, tokenizer, stream, index, count, mesh=mesh, data_axes=batch_axes(mesh))
         first_embedder = None
@@ -163,6 +164,7 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
             for step in range(start + 1, end + 1):
                 with timer.data_wait():
                     batch = next(iterator)
+                batch.pop("sample", None)  # the stream's sample ids stay on the host (for checks)
                 state, metrics = trainable.step(state, batch)
                 timer.steps += 1
                 final = step == end
@@ -180,7 +182,11 @@ def train(config: TrainConfig, workdir: str | Path, stop_at_step: int | None = N
                     writer.write(step, eval_metrics, "eval/")
                     log.info("step %d: %s", step, _summary(eval_metrics))
                     timer = StepTimer()
-                stopping = distributed.any_process(stop.requested)  # a signal to one process stops them all
+                # a signal to one process stops them all; asking the others is an all-gather that waits for the
+                # device, so it is asked every stop_check_every steps (and at every checkpoint), not every step
+                check = jax.process_count() == 1 or step % config.stop_check_every == 0
+                check = check or step % config.checkpoint_every == 0 or final
+                stopping = distributed.any_process(stop.requested) if check else False
                 if step % config.checkpoint_every == 0 or final or stopping:
                     checkpoints.save(step, state, iterator.get_state(), eval_metrics)
                 bar.update(1)

@@ -32,7 +32,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[TrainConfig,
     checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints, config.best_metric)
     if checkpoints.latest_step() is None:
         raise ValueError(f"{workdir} has no checkpoint yet")
-    state, _ = checkpoints.restore(trainable.abstract_state(), step)
+    state, _ = checkpoints.restore(trainable.abstract_state(), step, data=False)
     checkpoints.close()
     return config, trainable, state, load_tokenizer(workdir / "tokenizer")
 

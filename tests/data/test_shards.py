@@ -5,7 +5,6 @@ epoch across 2 processes and resumes at exactly the next batch."""
 import collections
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -19,62 +18,7 @@ from jaxmr.data.shards import expand
 from jaxmr.data.train_batches import PipelineConfig, train_iterator
 from jaxmr.text import train_bpe
 
-COLOURS = ["red", "green", "blue", "white", "yellow", "purple"]
-
-
-def jpeg(value: int) -> bytes:
-    pixels = np.full((24, 32, 3), value, np.uint8)
-    pixels[:, :16, 1] = 255 - value
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG")
-    return out.getvalue()
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shards(folder, shards: int = 3, per_shard: int = 20) -> dict:
-    """img2dataset-like shards 00000.tar ...: jpg + txt + json per sample; in shard 0 one sample whose jpg does
-    not decode, one with its caption only in the json, one with no caption, one with no image; the last shard
-    cut off in the middle of a member. Returns what a reader should find."""
-    folder.mkdir(parents=True, exist_ok=True)
-    good, n = [], 0
-    for s in range(shards):
-        path = folder / f"{s:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                key = f"{s:05d}{i:04d}"
-                caption = f"a {COLOURS[n % 6]} square number {n}"
-                meta = {"url": f"http://example.com/{key}.jpg", "width": 32}
-                if s == 0 and i == 1:
-                    add(tar, f"{key}.jpg", b"not a jpeg at all")
-                    add(tar, f"{key}.txt", caption.encode())
-                    good.append((key, caption, False))  # read, then counted as unreadable by the pipeline
-                elif s == 0 and i == 2:
-                    add(tar, f"{key}.jpg", jpeg(n))
-                    add(tar, f"{key}.json", json.dumps({**meta, "caption": caption}).encode())
-                    good.append((key, caption, True))
-                elif s == 0 and i == 3:
-                    add(tar, f"{key}.jpg", jpeg(n))  # no caption anywhere
-                elif s == 0 and i == 4:
-                    add(tar, f"{key}.txt", caption.encode())  # no image
-                else:
-                    add(tar, f"{key}.jpg", jpeg(n))
-                    add(tar, f"{key}.txt", caption.encode())
-                    add(tar, f"{key}.json", json.dumps(meta).encode())
-                    good.append((key, caption, True))
-                n += 1
-    last = folder / f"{shards - 1:05d}.tar"
-    data = last.read_bytes()
-    with tarfile.open(last) as tar:
-        members = tar.getmembers()
-    assert members[-3].name.endswith(".jpg")
-    last.write_bytes(data[: members[-3].offset_data + 10])  # cut inside the last sample's jpg
-    cut = members[-3].name.split(".")[0]
-    return {"good": [g for g in good if g[0] != cut], "cut_sample": cut}
+from conftest import COLOURS, jpeg, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -263,10 +207,13 @@ def test_streaming_reads_disjoint_shards_per_process_and_resumes_bitwise(kind, s
     parts, skipped = [], collections.Counter()
     for p in (0, 1):
         stream = StreamIterator(units, tokenizer, config, process_index=p, process_count=2)
-        parts.append([int(i) for batch in stream for i in batch["index"]])
+        batches = list(stream)
+        parts.append([int(i) for batch in batches for i in batch["sample"]])
+        # the loss's pair ids are the rows of the global batch: this process's half of them
+        assert all(batch["index"].tolist() == list(range(4 * p, 4 * p + 4)) for batch in batches)
         skipped.update(stream.skipped)
         stream.close()
-    units_of = [{i >> 20 for i in part} for part in parts]
+    units_of = [{i >> 32 for i in part} for part in parts]
     assert not units_of[0] & units_of[1] and units_of[0] | units_of[1] == set(range(len(units)))
     seen = parts[0] + parts[1]
     assert len(set(seen)) == len(seen)
@@ -286,7 +233,7 @@ def test_streaming_reads_disjoint_shards_per_process_and_resumes_bitwise(kind, s
     resumed.set_state(state)
     for batch in expected:
         got = next(resumed)
-        for key in ("image", "text", "index"):
+        for key in ("image", "text", "index", "sample"):
             np.testing.assert_array_equal(got[key], batch[key])
     resumed.close()
 

@@ -1,6 +1,7 @@
 """Multi-process training and index building: 2 processes x 4 fake CPU devices on localhost (gloo collectives)
 against the one-process 8-device run."""
 
+import json
 import os
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from jaxmr.training.checkpoints import read_metrics
 from jaxmr.training.loop import train
 from jaxmr.training.runs import evaluate, load_run
 
-from conftest import ROOT, SMOKE_SOURCE
+from conftest import ROOT, SMOKE_SOURCE, write_shards
 
 SMOKE = str(ROOT / "configs" / "shapes_tiny.py") + ":smoke"
 
@@ -142,3 +143,40 @@ def test_bad_launch_flags_are_clear_errors(tmp_path, capsys):
     assert "0..1" in capsys.readouterr().err
     assert cli([*argv, "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["stream", "resampled", "random"])
+def test_two_processes_stopped_and_resumed_each_from_its_own_position_equal_a_run_through(mode, tmp_path, capsys):
+    """2 processes x 4 devices on `wds:` shards, stopped at step 2 and resumed: the losses after it equal an
+    uninterrupted 2-process run's, each process wrote and read back its own data position (before, every process
+    resumed from process 0's), and a restart with another process count is refused with one clear error."""
+    write_shards(tmp_path / "wds", shards=4, per_shard=24)
+    overrides = (f",data.source=wds:{tmp_path / 'wds'},data.image_size=32,steps=4,eval_every=100,"
+                 "checkpoint_every=100,log_every=1,data.read_threads=1")  # fmt: skip
+    if mode != "random":
+        overrides += ",data.stream_buffer=8" + (",data.resampled=True" if mode == "resampled" else "")
+    else:
+        overrides += ",data.train_split=all,data.eval_split=all"
+    run = ["train", "--config", SMOKE + overrides, "--no-progress", "--workdir"]
+    _together([*run, str(tmp_path / "stopped"), "--stop-at-step", "2"])
+    saved = [json.loads((tmp_path / "stopped" / "data_state" / "step_2" / f"process-{p}-of-2.json").read_text())
+             for p in (0, 1)]  # fmt: skip
+    if mode == "random":  # each past its 2 x 8 rows, plus the unreadable images it met (process 0's rows hold
+        # one here: 17 against 16; resumed from process 0's state, process 1 used to skip a sample)
+        assert all(s["grain"]["next_index"] >= 16 for s in saved) and saved[0] != saved[1]
+    else:  # each process's own shards, buffer and RNG
+        assert [s["process"] for s in saved] == [0, 1] and saved[0]["rng"] != saved[1]["rng"]
+        if mode == "stream":  # disjoint shards: no buffered sample of one is the other's
+            assert not {r[0] for r in saved[0]["buffer"]} & {r[0] for r in saved[1]["buffer"]}
+    _together([*run, str(tmp_path / "stopped")])
+    _together([*run, str(tmp_path / "through")])
+    stopped, through = _losses(tmp_path / "stopped"), _losses(tmp_path / "through")
+    assert len(stopped) == 4  # the same programs on the same batches in the same order: equal to rounding
+    np.testing.assert_allclose(stopped, through, rtol=1e-6)
+    # one process cannot take up two processes' positions: one clear error, no traceback, nothing written
+    before = sorted(p.name for p in (tmp_path / "through" / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert cli([*run, str(tmp_path / "through"), "--stop-at-step", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "written by 2 processes and this run has 1" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "through" / "checkpoints").iterdir()) == before
