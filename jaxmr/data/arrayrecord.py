@@ -3,6 +3,7 @@ encoded images with their captions, plus a manifest.
 
 DIR/
     manifest.json                           counts, sizes, skipped samples by reason, the shards of each split
+                                            and their record counts
     train-00000-of-00008.array_record       records: u32 JSON length | JSON {id, captions, metadata} | image bytes
     train-00000-of-00008.captions.json      the shard's captions alone (caption tables without reading images)
     val-00000-of-00001.array_record ...
@@ -10,10 +11,16 @@ DIR/
 A record is one random read (array_record's reader, without read-ahead, as grain's `ArrayRecordDataSource`
 opens it), so the global shuffle costs nothing more than a sequential read; splits are the source's own (or, for
 shards, the 90 / 5 / 5 hash of each key).
+
+The source holds O(shards), not O(records): its shards' record counts (from the manifest; a manifest without them
+opens each shard once to count), captions read from the records themselves, a caption file loaded only for
+caption tables (one shard at a time), and per thread at most `OPEN_READERS` open shards — 40,000 shards at
+10,000 records each cost a process a few MB and no file handle it does not use.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -28,6 +35,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from jaxmr.data.records import DataError, Record, canonical_split
 
 SPLITS = ("train", "val", "test")
+OPEN_READERS = 64  # per thread: the shards read most recently stay open, the rest are closed
 
 
 def encode_record(image: bytes, captions: list[str], record_id: str, metadata: dict[str, Any]) -> bytes:
@@ -64,47 +72,78 @@ class ArrayRecordSource:
         self.split = canonical_split(split)
         self.name = f"arrayrecord:{self.root}"
         manifest = read_manifest(self.root)
-        names = [n for s in SPLITS if self.split in (None, s) for n in manifest["splits"].get(s, {}).get("shards", [])]
-        missing = [n for n in names if not (self.root / f"{n}.array_record").exists()]
+        chosen = [manifest["splits"].get(s, {}) for s in SPLITS if self.split in (None, s)]
+        self._names = [n for c in chosen for n in c.get("shards", [])]
+        missing = [n for n in self._names if not (self.root / f"{n}.array_record").exists()]
         if missing:
             raise DataError(f"{self.root}: shard {missing[0]}.array_record is missing")
-        self.paths = [str(self.root / f"{n}.array_record") for n in names]
-        self._captions = [c for n in names for c in json.loads((self.root / f"{n}.captions.json").read_text())]
-        self._local = threading.local()
-        counts = [self._reader(s).num_records() for s in range(len(self.paths))]
-        self._starts = np.cumsum([0, *counts])
-        if self._starts[-1] != len(self._captions):
-            raise DataError(f"{self.root}: {self._starts[-1]} records but {len(self._captions)} caption lists")
-        if not self._captions:
+        if all("counts" in c and len(c["counts"]) == len(c.get("shards", [])) for c in chosen):
+            counts = [int(n) for c in chosen for n in c["counts"]]
+        else:  # a manifest from before the counts were kept: open each shard once
+            counts = []
+            for name in self._names:
+                reader = ArrayRecordReader(str(self._path(name)), "readahead_buffer_size:0")
+                counts.append(reader.num_records())
+                reader.close()
+        self._starts = np.cumsum([0, *counts], dtype=np.int64)
+        if self._starts[-1] == 0:
             raise DataError(f"{self.name}: the {split or 'all'} split is empty")
+        self._local = threading.local()
+        self._caption_shard: tuple[int, list] = (-1, [])
         self.skipped = manifest.get("skipped", {})
 
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.array_record"
+
     def __len__(self) -> int:
-        return len(self._captions)
+        return int(self._starts[-1])
 
-    def captions(self, index: int) -> list[str]:
-        return list(self._captions[index])
-
-    def _reader(self, shard: int) -> ArrayRecordReader:
-        """This thread's reader of a shard (readers are not shared between threads)."""
-        readers = getattr(self._local, "readers", None)
-        if readers is None:
-            readers = self._local.readers = {}
-        if shard not in readers:
-            readers[shard] = ArrayRecordReader(self.paths[shard], "readahead_buffer_size:0")
-        return readers[shard]
-
-    def __getitem__(self, index: int) -> Record:
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(shard, record in it) of a global index."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        (data,) = self._reader(shard).read([int(index - self._starts[shard])])
+        return shard, int(index - self._starts[shard])
+
+    def captions(self, index: int) -> list[str]:
+        """A record's captions from its shard's caption file (kept while reads stay in that shard: caption
+        tables read in order)."""
+        shard, row = self._locate(index)
+        cached_shard, captions = self._caption_shard
+        if cached_shard != shard:
+            path = self.root / f"{self._names[shard]}.captions.json"
+            captions = json.loads(path.read_text())
+            if len(captions) != self._starts[shard + 1] - self._starts[shard]:
+                raise DataError(f"{path}: {len(captions)} caption lists for "
+                                f"{self._starts[shard + 1] - self._starts[shard]} records")  # fmt: skip
+            self._caption_shard = (shard, captions)
+        return list(captions[row])
+
+    def _reader(self, shard: int) -> ArrayRecordReader:
+        """This thread's reader of a shard (readers are not shared between threads; the least recently used
+        beyond OPEN_READERS are closed)."""
+        readers = getattr(self._local, "readers", None)
+        if readers is None:
+            readers = self._local.readers = collections.OrderedDict()
+        reader = readers.get(shard)
+        if reader is None:
+            reader = readers[shard] = ArrayRecordReader(str(self._path(self._names[shard])), "readahead_buffer_size:0")
+            if len(readers) > OPEN_READERS:
+                readers.popitem(last=False)[1].close()
+        else:
+            readers.move_to_end(shard)
+        return reader
+
+    def __getitem__(self, index: int) -> Record:
+        shard, row = self._locate(index)
+        (data,) = self._reader(shard).read([row])
         header, image = decode_record(data)
         return {"image": image, "captions": header["captions"], "id": header["id"], "metadata": header["metadata"]}
 
     def __getstate__(self) -> dict:  # worker processes open their own readers
         state = dict(self.__dict__)
         state.pop("_local")
+        state["_caption_shard"] = (-1, [])
         return state
 
     def __setstate__(self, state: dict) -> None:

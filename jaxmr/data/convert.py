@@ -231,6 +231,7 @@ def convert_to_arrayrecord(
     manifest = {
         "source": source_spec, "max_side": max_side, "format": "u32 json length | json | image bytes",
         "splits": {name: {"shards": [r["shard"] for r in results if r["split"] == name],
+                          "counts": [r["records"] for r in results if r["split"] == name],
                           "records": sum(r["records"] for r in results if r["split"] == name),
                           "bytes": sum(r["bytes"] for r in results if r["split"] == name)} for name in sizes},
         "read": sum(sizes.values()), "skipped": dict(sorted(skipped.items())),

@@ -118,3 +118,55 @@ def test_too_few_units_for_the_processes_is_a_clear_error_unless_resampled():
         StreamPlan(VirtualUnits(np.full(3, 5)), StreamConfig(batch_size=8), 0, 4)
     plan = StreamPlan(VirtualUnits(np.full(3, 5)), StreamConfig(batch_size=8, resampled=True), 3, 4)
     assert len(plan.order(0)) == 1
+
+
+def _arrayrecord(root, shards: int, per_shard: int, counts: bool = True) -> None:
+    """`jaxmr data convert`'s layout with tiny records, written directly (a million in seconds)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from jaxmr.data.arrayrecord import encode_record, shard_name
+
+    names = [shard_name("train", s, shards) for s in range(shards)]
+    for s, name in enumerate(names):
+        writer = ArrayRecordWriter(str(root / f"{name}.array_record"), "group_size:1")
+        captions = []
+        for i in range(per_shard):
+            captions.append([f"caption {s}-{i}"])
+            writer.write(encode_record(b"\xff", captions[-1], f"{s}-{i}", {}))
+        writer.close()
+        (root / f"{name}.captions.json").write_text(json.dumps(captions))
+    split = {"shards": names, "records": shards * per_shard, **({"counts": [per_shard] * shards} if counts else {})}
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": split}, "skipped": {}}))
+
+
+def test_arrayrecord_source_at_1m_records_holds_under_32_bytes_per_record(tmp_path):
+    from jaxmr.data.arrayrecord import ArrayRecordSource
+
+    shards, per_shard = 16, 62_500
+    _arrayrecord(tmp_path, shards, per_shard)
+    tracemalloc.start()
+    source = ArrayRecordSource(tmp_path, "train")
+    rng = np.random.default_rng(0)
+    reads = [source[int(i)] for i in rng.integers(len(source), size=200)]  # random reads over every shard
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del reads
+    assert len(source) == shards * per_shard
+    assert held <= 32 * len(source), held / len(source)  # was ~200 bytes a record: every caption in lists
+    i = 3 * per_shard + 17
+    record = source[i]
+    assert record["captions"] == source.captions(i) == ["caption 3-17"] and record["id"] == "3-17"
+
+
+def test_arrayrecord_source_counts_old_manifests_and_keeps_few_shards_open(tmp_path, monkeypatch):
+    import jaxmr.data.arrayrecord as arrayrecord
+
+    _arrayrecord(tmp_path, 12, 5, counts=False)  # a manifest from before the per-shard counts
+    monkeypatch.setattr(arrayrecord, "OPEN_READERS", 4)
+    source = arrayrecord.ArrayRecordSource(tmp_path)
+    assert len(source) == 60
+    assert [source[i]["id"] for i in range(0, 60, 5)] == [f"{s}-0" for s in range(12)]
+    assert len(source._local.readers) == 4  # the 4 shards read last, the others closed
+    assert list(source._local.readers) == [8, 9, 10, 11]
+    with pytest.raises(IndexError):
+        source[60]
