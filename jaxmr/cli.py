@@ -72,6 +72,18 @@ def _data_convert(args: argparse.Namespace) -> None:
           f"--set data.source=arrayrecord:{args.out}")  # fmt: skip
 
 
+def _data_index(args: argparse.Namespace) -> None:
+    from jaxmr.data.shards import index_shards
+
+    kind, _, pattern = args.source.strip().partition(":")
+    if kind != "wds":
+        raise DataError(f"data index reads wds: shards, not {args.source!r} (arrayrecord: keeps its own manifest)")
+    totals = index_shards(pattern, workers=args.workers, progress=not args.no_progress)
+    skipped = ", ".join(f"{n} {why}" for why, n in totals["skipped"].items()) or "none"
+    print(f"{args.source}: {totals['samples']} samples in {totals['shards']} shards indexed into {totals['folder']}; "
+          f"skipped: {skipped}")  # fmt: skip
+
+
 def _data_to_tfds(args: argparse.Namespace) -> None:
     from jaxmr.data.convert import build_caption_folder
 
@@ -408,13 +420,17 @@ def _parser() -> argparse.ArgumentParser:
     convert = add("convert", _data_convert, "convert any source (wds:, parquet:, a caption folder ...) to "
                   "ArrayRecord shards, resumable and in parallel; read back as arrayrecord:DIR",
                   data_commands)  # fmt: skip
+    index_data = add("index", _data_index, "index every tar of a wds: pattern once, ahead of training (member "
+                     "offsets, keys, splits; cached under $JAXMR_CACHE/shards)", data_commands)  # fmt: skip
+    index_data.add_argument("--workers", type=_positive, default=1, help="processes indexing shards at once")
+    index_data.add_argument("--no-progress", action="store_true", help="no progress bar")
     convert.add_argument("--out", required=True, help="directory to write the shards and manifest.json into")
     convert.add_argument("--shards", type=_positive, default=None, help="shards in all (default: 4,096 records each)")
     convert.add_argument("--workers", type=_positive, default=1, help="processes converting shards at once")
     convert.add_argument("--max-side", type=_positive, default=384, help="longer side of the stored images")
     convert.add_argument("--split", default="all", help="train | val (= dev) | test | all (each kept as itself)")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for sub in (info, preview, to_tfds, convert):
+    for sub in (info, preview, to_tfds, convert, index_data):
         sub.add_argument("source", help=SPEC_HELP)
     for sub in (info, preview):
         sub.add_argument("--split", default="train", help="train | val (= dev) | test | all")

@@ -11,7 +11,9 @@ from conftest import ROOT
 
 # bench.serve_load --quick runs inside the accelerator suite's dry run below (its `serve` section), and that
 # dry run's `train` section runs bench.train_throughput's step and PyTorch loop: not run twice.
-@pytest.mark.parametrize("script", ["input_pipeline", "loss_memory", "index_recall", "search_latency"])
+@pytest.mark.parametrize(
+    "script", ["input_pipeline", "loss_memory", "index_recall", "search_latency", "webscale_planner"]
+)
 def test_quick_mode_writes_results(tmp_path, script):
     out = tmp_path / f"{script}.json"
     result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=ROOT,

@@ -77,8 +77,8 @@ class ArrayRecordSource:
         missing = [n for n in self._names if not (self.root / f"{n}.array_record").exists()]
         if missing:
             raise DataError(f"{self.root}: shard {missing[0]}.array_record is missing")
-        if all("counts" in c and len(c["counts"]) == len(c.get("shards", [])) for c in chosen):
-            counts = [int(n) for c in chosen for n in c["counts"]]
+        if all(len(c.get("counts", [])) == len(c.get("shards", [])) for c in chosen):
+            counts = [int(n) for c in chosen for n in c.get("counts", [])]
         else:  # a manifest from before the counts were kept: open each shard once
             counts = []
             for name in self._names:

@@ -24,6 +24,7 @@ dropped silently; an image that does not decode is counted by the training pipel
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -41,14 +42,16 @@ import pyarrow.parquet as pq
 
 from jaxmr.data.captions import hash_split
 from jaxmr.data.records import DataError, Record, canonical_split
-from jaxmr.files import cache_dir, save_npz
+from jaxmr.files import atomic_dir, cache_dir, save_npz
 from jaxmr.options import typed_options
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "text")
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: each sample's split code kept in the index
+OPEN_FILES = 256  # shard descriptors a process keeps open (40,000 shards would pass the usual limit of 1,024)
+SPLIT_CODES = ("train", "val", "test")
 
 # ---------------------------------------------------------------------------------------------- patterns
 
@@ -137,6 +140,7 @@ def index_tar(path: Path) -> dict[str, np.ndarray]:
         "keys": np.asarray(keys, dtype=str), "image": np.asarray(images, np.int64).reshape(shape),
         "caption": np.asarray(captions, np.int64).reshape(shape), "json": np.asarray(metas, np.int64).reshape(shape),
         "ext": np.asarray(exts, dtype=str), "truncated": np.int64(truncated),
+        "split": np.asarray([SPLIT_CODES.index(hash_split(k)) for k in keys], np.int8),
     }  # fmt: skip
 
 
@@ -153,6 +157,15 @@ def _cached_tar_index(path: Path) -> dict[str, np.ndarray]:
     return index
 
 
+def index_shards(pattern: str, workers: int = 1, progress: bool = False) -> dict[str, Any]:
+    """Indexes every tar of a `wds:` pattern ahead of training (what each process would otherwise do at its
+    first start), `workers` processes at a time: the set's combined index (`set_index`). With JAXMR_CACHE on a
+    shared filesystem the hosts of a run index once between them. {shards, samples, skipped, folder}."""
+    folder = set_index(expand(pattern, (".tar",)), workers, progress)
+    meta = json.loads((folder / "meta.json").read_text())
+    return {"shards": meta["shards"], "samples": meta["samples"], "skipped": meta["skipped"], "folder": folder}
+
+
 def json_caption(data: bytes) -> str | None:
     """A sample's caption from its json member (img2dataset writes it there when there is no txt), if any."""
     try:
@@ -163,22 +176,44 @@ def json_caption(data: bytes) -> str | None:
 
 
 class _Files:
-    """One read-only descriptor per file for the process, read with `os.pread` (safe from many threads)."""
+    """Read-only descriptors shared by the process's threads, read with `os.pread`; the OPEN_FILES used most
+    recently stay open (a descriptor is closed only when no read holds it)."""
 
     def __init__(self, paths: list[Path]):
-        self.paths, self._fds, self._lock = paths, {}, threading.Lock()
+        self.paths, self._lock = paths, threading.Lock()
+        self._fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # file -> [fd, readers]
 
     def read(self, file: int, offset: int, size: int) -> bytes:
-        fd = self._fds.get(file)
-        if fd is None:
+        with self._lock:
+            entry = self._fds.get(file)
+            if entry is None:
+                entry = self._fds[file] = [os.open(self.paths[file], os.O_RDONLY), 0]
+                self._close_spare()
+            else:
+                self._fds.move_to_end(file)
+            entry[1] += 1
+        try:
+            data = os.pread(entry[0], size, offset)
+        finally:
             with self._lock:
-                fd = self._fds.get(file)
-                if fd is None:
-                    fd = self._fds[file] = os.open(self.paths[file], os.O_RDONLY)
-        data = os.pread(fd, size, offset)
+                entry[1] -= 1
+                if entry[1] == 0 and self._fds.get(file) is not entry:  # evicted while it was being read
+                    os.close(entry[0])
         if len(data) != size:
             raise OSError(f"{self.paths[file]}: {size} bytes at {offset} expected, {len(data)} read")
         return data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _close_spare(self) -> None:
+        while len(self._fds) > OPEN_FILES:
+            _, (fd, readers) = self._fds.popitem(last=False)
+            if readers == 0:  # else the read holding it closes it
+                os.close(fd)
 
     def __getstate__(self) -> dict:  # worker processes open their own descriptors
         return {"paths": self.paths}
@@ -187,73 +222,135 @@ class _Files:
         self.__init__(state["paths"])
 
 
+ARRAYS = ("keys", "image", "caption", "json", "split")  # the per-sample arrays of a combined index
+
+
+def set_index(paths: list[Path], workers: int = 1, progress: bool = False) -> Path:
+    """The combined index of a set of tars (`jaxmr data index`, or a source's first start): the shards' samples
+    concatenated as .npy files (keys, image / caption / json (offset, size), split codes), `starts.npy` (each
+    shard's first sample), the usable samples of each split as (shard, sample) rows (`rows-SPLIT.npy`), and
+    meta.json (captions found only in a json, skipped samples by reason). Keyed by every shard's path, size and
+    mtime; built from the per-shard indexes (themselves cached) and written atomically."""
+    key = hashlib.sha1(f"{INDEX_VERSION}".encode())
+    for path in paths:
+        stat = path.stat()
+        key.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    folder = cache_dir() / "shards" / f"set-{key.hexdigest()}"
+    if (folder / "meta.json").exists():
+        return folder
+    import concurrent.futures
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 else contextlib.nullcontext())  # fmt: skip
+    with pool:
+        indexes = pool.map(_cached_tar_index, paths, chunksize=16) if workers > 1 else map(_cached_tar_index, paths)
+        indexes = list(tqdm(indexes, total=len(paths), desc="index", unit="shard", disable=not progress))
+    files = _Files(paths)
+    skipped: collections.Counter = collections.Counter()
+    rows = {split: [] for split in (*SPLIT_CODES, "all")}
+    json_captions: dict[str, str] = {}
+    for s, index in enumerate(indexes):  # no Python per sample, but for captions found only in a json
+        skipped["truncated shard (its tail)"] += int(index["truncated"])
+        has_image, has_text = index["image"][:, 0] >= 0, index["caption"][:, 0] >= 0
+        skipped["no image"] += int((~has_image).sum())
+        usable = has_image & has_text
+        for i in np.flatnonzero(has_image & ~has_text).tolist():
+            caption = _json_caption(files, s, index["json"][i])
+            if caption is None:
+                skipped["no caption"] += 1
+                continue
+            json_captions[f"{s}/{i}"] = caption
+            usable[i] = True
+        for split in rows:
+            chosen = np.flatnonzero(usable if split == "all" else usable & (index["split"] == SPLIT_CODES.index(split)))
+            rows[split].append(np.stack([np.full(len(chosen), s, np.int64), chosen.astype(np.int64)], axis=1))
+    files.close()
+    with atomic_dir(folder) as tmp:
+        for name in ARRAYS:
+            parts = [index[name] for index in indexes]
+            np.save(tmp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0))
+        np.save(tmp / "starts.npy", np.cumsum([0, *(len(index["keys"]) for index in indexes)], dtype=np.int64))
+        for split, found in rows.items():
+            np.save(tmp / f"rows-{split}.npy", np.concatenate(found) if found else np.zeros((0, 2), np.int64))
+        meta = {"shards": len(paths), "samples": sum(len(index["keys"]) for index in indexes),
+                "skipped": {k: v for k, v in skipped.items() if v}, "json_captions": json_captions}  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _json_caption(files: _Files, shard: int, where: np.ndarray) -> str | None:
+    if where[0] < 0:
+        return None
+    try:
+        return json_caption(files.read(shard, int(where[0]), int(where[1])))
+    except OSError:
+        return None
+
+
 class WebDatasetSource:
     """`wds:PATTERN` (see the module docstring). Record: image bytes, captions [one], id "shard/key", metadata
-    {shard, key, json}."""
+    {shard, key, json}. Its index is the set's combined index (`set_index`), memory-mapped: a start costs a stat
+    of every shard and a few mappings, and no Python object per sample."""
 
     def __init__(self, pattern: str, split: str | None = None):
         self.split = canonical_split(split)
         self.name = f"wds:{pattern}"
         self.shards = expand(pattern, (".tar",))
-        self.skipped: collections.Counter = collections.Counter()
         self._files = _Files(self.shards)
-        rows, self._index = [], []
-        for s, shard in enumerate(self.shards):
-            index = _cached_tar_index(shard)
-            self._index.append(index)
-            if int(index["truncated"]):
-                self.skipped["truncated shard (its tail)"] += 1
-            json_captions = {}
-            for i, key in enumerate(index["keys"]):
-                if index["image"][i, 0] < 0:
-                    self.skipped["no image"] += 1
-                    continue
-                if index["caption"][i, 0] < 0:
-                    caption = self._json_caption(s, index["json"][i])
-                    if caption is None:
-                        self.skipped["no caption"] += 1
-                        continue
-                    json_captions[i] = caption
-                if self.split is None or hash_split(str(key)) == self.split:
-                    rows.append((s, i))
-            index["json_captions"] = json_captions
-        self._rows = np.asarray(rows, np.int64).reshape(-1, 2)
+        folder = set_index(self.shards)
+        meta = json.loads((folder / "meta.json").read_text())
+        self._arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in (*ARRAYS, "starts")}
+        self._rows = np.load(folder / f"rows-{self.split or 'all'}.npy", mmap_mode="r")
+        self._json_captions = meta["json_captions"]
+        self.skipped = collections.Counter(meta["skipped"])
         if not len(self._rows) and not self.skipped:
             raise DataError(f"{self.name}: no samples in the {split or 'all'} split")
         if self.skipped:
             log.warning("%s: skipped %s", self.name, ", ".join(f"{n} ({why})" for why, n in self.skipped.items()))
 
-    def _json_caption(self, shard: int, where: np.ndarray) -> str | None:
-        if where[0] < 0:
-            return None
-        try:
-            return json_caption(self._files.read(shard, int(where[0]), int(where[1])))
-        except OSError:
-            return None
-
     def __len__(self) -> int:
         return len(self._rows)
 
+    def _sample(self, index: int) -> tuple[int, int, int]:
+        """(shard, sample in it, sample in the set) of a record."""
+        s, i = (int(v) for v in self._rows[index])
+        return s, i, int(self._arrays["starts"][s]) + i
+
     def captions(self, index: int) -> list[str]:
-        s, i = self._rows[index]
-        shard = self._index[s]
-        if i in shard["json_captions"]:
-            return [shard["json_captions"][i]]
-        offset, size = shard["caption"][i]
-        return [self._files.read(int(s), int(offset), int(size)).decode("utf-8", "replace").strip()]
+        s, i, g = self._sample(index)
+        found = self._json_captions.get(f"{s}/{i}")
+        if found is not None:
+            return [found]
+        offset, size = (int(v) for v in self._arrays["caption"][g])
+        return [self._files.read(s, offset, size).decode("utf-8", "replace").strip()]
 
     def __getitem__(self, index: int) -> Record:
-        s, i = (int(v) for v in self._rows[index])
-        shard = self._index[s]
-        image = self._files.read(s, *(int(v) for v in shard["image"][i]))
-        meta: dict[str, Any] = {"shard": str(self.shards[s]), "key": str(shard["keys"][i])}
-        if shard["json"][i, 0] >= 0:
+        s, _, g = self._sample(index)
+        key = str(self._arrays["keys"][g])
+        image = self._files.read(s, *(int(v) for v in self._arrays["image"][g]))
+        meta: dict[str, Any] = {"shard": str(self.shards[s]), "key": key}
+        where = self._arrays["json"][g]
+        if where[0] >= 0:
             try:
-                meta["json"] = json.loads(self._files.read(s, *(int(v) for v in shard["json"][i])))
+                meta["json"] = json.loads(self._files.read(s, int(where[0]), int(where[1])))
             except ValueError:
                 meta["json"] = None
-        return {"image": image, "captions": self.captions(index), "id": f"{self.shards[s].name}/{shard['keys'][i]}",
+        return {"image": image, "captions": self.captions(index), "id": f"{self.shards[s].name}/{key}",
                 "metadata": meta}  # fmt: skip
+
+    def __getstate__(self) -> dict:  # worker processes map the index themselves
+        state = dict(self.__dict__)
+        state["_arrays"] = {name: (a.filename, a.dtype.str) for name, a in self._arrays.items()}
+        state["_rows"] = self._rows.filename
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_arrays"] = {name: np.load(file, mmap_mode="r") for name, (file, _) in state["_arrays"].items()}
+        state["_rows"] = np.load(state["_rows"], mmap_mode="r")
+        self.__dict__.update(state)
 
 
 # ----------------------------------------------------------------------------------------------- parquet

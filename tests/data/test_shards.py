@@ -257,3 +257,24 @@ def test_training_on_streamed_shards_resumes_exactly(shards, tmp_path):
     losses = [[m["train/loss"] for m in read_metrics(tmp_path / run) if "train/loss" in m]
               for run in ("stopped", "through")]  # fmt: skip
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_data_index_builds_the_shard_cache_once_and_the_source_keeps_few_files_open(tmp_path, monkeypatch, capsys):
+    import jaxmr.data.shards as shards_module
+
+    folder = tmp_path / "wds"
+    want = write_shards(folder, shards=5, per_shard=12)
+    assert main(["data", "index", f"wds:{folder}", "--workers", "2", "--no-progress"]) == 0
+    assert "wds:" in capsys.readouterr().out
+    # indexed ahead: the source reads no tar header at its start
+    monkeypatch.setattr(shards_module, "index_tar", lambda path: pytest.fail(f"{path} indexed again"))
+    monkeypatch.setattr(shards_module, "OPEN_FILES", 2)
+    source = parse_source(f"wds:{folder}", "all")
+    assert sorted(r["metadata"]["key"] for r in (source[i] for i in range(len(source)))) == sorted(
+        k for k, _, _ in want["good"]
+    )
+    assert len(source._files._fds) == 2  # 5 shards read, the 2 read last still open
+    assert source.skipped == {"no image": 1, "no caption": 1, "truncated shard (its tail)": 1}
+    parts = [parse_source(f"wds:{folder}", split) for split in ("train", "val", "test")]
+    assert sum(len(p) for p in parts) == len(source)
+    assert main(["data", "index", "parquet:x.parquet"]) == 2  # one clear error

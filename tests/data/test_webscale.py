@@ -145,7 +145,7 @@ def test_arrayrecord_source_at_1m_records_holds_under_32_bytes_per_record(tmp_pa
     shards, per_shard = 16, 62_500
     _arrayrecord(tmp_path, shards, per_shard)
     tracemalloc.start()
-    source = ArrayRecordSource(tmp_path, "train")
+    source = ArrayRecordSource(tmp_path)  # all splits: train alone here
     rng = np.random.default_rng(0)
     reads = [source[int(i)] for i in rng.integers(len(source), size=200)]  # random reads over every shard
     held, _ = tracemalloc.get_traced_memory()
@@ -170,3 +170,30 @@ def test_arrayrecord_source_counts_old_manifests_and_keeps_few_shards_open(tmp_p
     assert list(source._local.readers) == [8, 9, 10, 11]
     with pytest.raises(IndexError):
         source[60]
+
+
+def test_indexed_wds_source_starts_in_o_shards_heap_memory_mapped(tmp_path):
+    import io
+    import tarfile
+
+    from jaxmr.data.shards import WebDatasetSource, index_shards
+
+    shards, per_shard = 40, 250
+    for s in range(shards):
+        with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                for ext, data in (("jpg", b"\xff\xd8 not decoded here"), ("txt", f"caption {s} {i}".encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    totals = index_shards(str(tmp_path), workers=1)
+    assert (totals["shards"], totals["samples"], totals["skipped"]) == (shards, shards * per_shard, {})
+    tracemalloc.start()
+    source = WebDatasetSource(str(tmp_path))
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # a path and a few mappings per shard, nothing per sample (numpy in memory was ~100 bytes a sample: 1 MB)
+    assert held <= 1024 * shards + 64 * 1024, held
+    assert len(source) == shards * per_shard
+    record = source[7 * per_shard + 3]
+    assert record["captions"] == ["caption 7 3"] and record["id"] == "00007.tar/000070003"
