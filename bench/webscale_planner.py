@@ -9,7 +9,8 @@ manifests, since the shards themselves cannot be here), and the input pipeline's
 - arrayrecord: `ArrayRecordSource` opening a manifest of that many shards and samples (empty shard files: it
   opens none until a record is read): seconds and peak heap.
 - pipeline (with `--base-tree`, a checkout of the commit before, e.g. `git worktree add /tmp/base 472611d`):
-  images/s of the stream (`wds:`, 224 px, random-resized crops) and of the random-access ArrayRecord pipeline
+  images/s of the stream (`wds:`, 224 px, random-resized crops) and of the random-access `wds:` and ArrayRecord
+  pipelines
   over Flickr8k's photos written as shards, this tree and the base tree in alternating blocks, each in its own
   process; median and spread of the blocks.
 """
@@ -118,12 +119,54 @@ def rate(iterator):
     return batches * 64 / (time.perf_counter() - start)
 stream = StreamIterator(stream_units("wds:" + wds), tokenizer, StreamConfig(batch_size=64, image_size=224,
     crop_scale=(0.35, 1.0), buffer=256, read_threads=2))
+tars = train_iterator(parse_source("wds:" + wds, "all"), tokenizer, PipelineConfig(batch_size=64, image_size=224,
+    crop_scale=(0.35, 1.0), read_threads=2))
 source = parse_source("arrayrecord:" + arrayrecord, "all")
 ra = train_iterator(source, tokenizer, PipelineConfig(batch_size=64, image_size=224, crop_scale=(0.35, 1.0),
     read_threads=2))
-print(json.dumps({"stream": rate(stream), "arrayrecord": rate(ra)}))
-stream.close(); ra.close()
+print(json.dumps({"stream": rate(stream), "wds random access": rate(tars), "arrayrecord": rate(ra)}))
+stream.close(); tars.close(); ra.close()
 """
+
+
+# Python heap an opened ArrayRecord source holds per record, 1M tiny records in 16 shards (in each tree)
+HEAP = r"""
+import json, sys, tracemalloc
+from pathlib import Path
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from jaxmr.data.arrayrecord import ArrayRecordSource, encode_record, shard_name
+root, shards, per = Path(sys.argv[1]), 16, 62_500
+if not (root / "manifest.json").exists():
+    names = [shard_name("train", s, shards) for s in range(shards)]
+    for s, name in enumerate(names):
+        writer = ArrayRecordWriter(str(root / f"{name}.array_record"), "group_size:1")
+        captions = [[f"caption {s}-{i}"] for i in range(per)]
+        for i, c in enumerate(captions):
+            writer.write(encode_record(b"x", c, f"{s}-{i}", {}))
+        writer.close()
+        (root / f"{name}.captions.json").write_text(json.dumps(captions))
+    split = {"shards": names, "counts": [per] * shards, "records": shards * per}
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": split}, "skipped": {}}))
+tracemalloc.start()
+source = ArrayRecordSource(root)
+reads = [source[int(i)] for i in np.random.default_rng(0).integers(len(source), size=200)]
+print(json.dumps({"bytes_per_record": tracemalloc.get_traced_memory()[0] / len(source)}))
+"""
+
+
+def heap_rows(base: Path | None) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tree in (("this tree", ROOT), ("base tree", base)):
+            if tree is None:
+                continue
+            out = subprocess.run([sys.executable, "-c", HEAP, tmp], cwd=tree, check=True, capture_output=True,
+                                 text=True, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"})  # fmt: skip
+            held = json.loads(out.stdout.strip().splitlines()[-1])["bytes_per_record"]
+            rows.append({"part": "arrayrecord source heap, 1M records (bytes a record)", "shards": 16,
+                         "samples": 1_000_000, "tree": name, "bytes_per_record": held})  # fmt: skip
+    return rows
 
 
 def _write_flickr_shards(out: Path, n: int) -> tuple[Path, Path, Path]:
@@ -156,11 +199,12 @@ def pipeline_rows(base: Path, blocks: int, images: int, batches: int) -> list[di
         for _ in range(blocks):
             for name, tree in (("this tree", ROOT), ("base tree", base)):
                 out = subprocess.run([sys.executable, "-c", PIPELINE, str(wds), str(ar), str(tok), str(batches)],
-                                     cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+                                     cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin",
+                                                    "JAXMR_CACHE": f"{tmp}/cache-{name.split()[0]}"},
                                      capture_output=True, text=True, check=True)  # fmt: skip
                 runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
-    for part in ("stream", "arrayrecord"):
+    for part in ("stream", "wds random access", "arrayrecord"):
         for name, results in runs.items():
             values = [r[part] for r in results]
             rows.append({"part": f"{part} images/s (224 px, 2 threads)", "tree": name,
@@ -175,23 +219,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=32)
     parser.add_argument("--base-tree", type=Path, default=None, help="a checkout to compare the pipeline with")
-    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes (the test of this script)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shards = (100, 1000) if args.quick else (1_000, 10_000, 40_000, 100_000)
     samples = (1_000_000,) if args.quick else (10_000_000, 400_000_000)
     rows = planner_rows(shards, samples, args.processes) + arrayrecord_rows(shards, samples)
+    if not args.quick:
+        rows += heap_rows(args.base_tree)
     if args.base_tree is not None:
         rows += pipeline_rows(args.base_tree, args.blocks, 300 if args.quick else 1200, 5 if args.quick else 12)
     path = write_results(
         "webscale_planner", rows,
         ["part", "shards", "samples", "processes", "startup_s", "peak_mib", "bytes_per_shard", "tree",
-         "images_per_s", "spread", "blocks", "over_base"],
+         "bytes_per_record", "images_per_s", "spread", "blocks", "over_base"],
         "Web-scale start-up per process (synthetic manifests) and the input pipeline",
         notes=f"`python -m bench.webscale_planner --processes {args.processes}"
               f"{' --base-tree ' + str(args.base_tree) if args.base_tree else ''}`. Start-up and heap depend on the "
-              "shard count, not the sample count: 10M and 400M samples cost the same.",
+              "shard count, not the sample count: 10M and 400M samples cost the same. peak_mib is tracemalloc's "
+              "peak of Python heap from nothing to the first local batch (the planner: the epoch's permutation, "
+              "8 bytes a shard, drawn whole by each process; resampled draws only its own share), bytes_per_shard "
+              "that peak over the shard count. The arrayrecord source's start is its manifest (a name and a count "
+              "per shard) and a stat of each shard; Python caches ints below 257, so 10M samples over 100k shards "
+              "(100 a shard) parse into fewer objects than 400M. The pipeline rows: images/s after the first "
+              "batch, this tree and the base tree alternating in fresh processes, median of the blocks and their "
+              "spread (max - min); over_base is this tree's median over the base tree's.",
         out=args.out,
     )  # fmt: skip
     print(path.with_suffix(".md").read_text())

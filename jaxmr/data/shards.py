@@ -302,8 +302,8 @@ class WebDatasetSource:
         self._files = _Files(self.shards)
         folder = set_index(self.shards)
         meta = json.loads((folder / "meta.json").read_text())
-        self._arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in (*ARRAYS, "starts")}
-        self._rows = np.load(folder / f"rows-{self.split or 'all'}.npy", mmap_mode="r")
+        self._folder = folder
+        self._map()
         self._json_captions = meta["json_captions"]
         self.skipped = collections.Counter(meta["skipped"])
         if not len(self._rows) and not self.skipped:
@@ -311,46 +311,53 @@ class WebDatasetSource:
         if self.skipped:
             log.warning("%s: skipped %s", self.name, ", ".join(f"{n} ({why})" for why, n in self.skipped.items()))
 
+    def _map(self) -> None:
+        """The index's arrays, memory-mapped (plain ndarray views: indexing a memmap costs more per record)."""
+        load = lambda name: np.asarray(np.load(self._folder / f"{name}.npy", mmap_mode="r"))
+        self._keys, self._starts, self._rows = load("keys"), load("starts"), load(f"rows-{self.split or 'all'}")
+        self._image, self._caption, self._json = load("image"), load("caption"), load("json")
+
     def __len__(self) -> int:
         return len(self._rows)
 
     def _sample(self, index: int) -> tuple[int, int, int]:
         """(shard, sample in it, sample in the set) of a record."""
-        s, i = (int(v) for v in self._rows[index])
-        return s, i, int(self._arrays["starts"][s]) + i
+        s, i = self._rows[index].tolist()
+        return s, i, int(self._starts[s]) + i
+
+    def _caption_of(self, s: int, i: int, g: int) -> str:
+        found = self._json_captions.get(f"{s}/{i}") if self._json_captions else None
+        if found is not None:
+            return found
+        offset, size = self._caption[g].tolist()
+        return self._files.read(s, offset, size).decode("utf-8", "replace").strip()
 
     def captions(self, index: int) -> list[str]:
-        s, i, g = self._sample(index)
-        found = self._json_captions.get(f"{s}/{i}")
-        if found is not None:
-            return [found]
-        offset, size = (int(v) for v in self._arrays["caption"][g])
-        return [self._files.read(s, offset, size).decode("utf-8", "replace").strip()]
+        return [self._caption_of(*self._sample(index))]
 
     def __getitem__(self, index: int) -> Record:
-        s, _, g = self._sample(index)
-        key = str(self._arrays["keys"][g])
-        image = self._files.read(s, *(int(v) for v in self._arrays["image"][g]))
+        s, i, g = self._sample(index)
+        key = str(self._keys[g])
+        image = self._files.read(s, *self._image[g].tolist())
         meta: dict[str, Any] = {"shard": str(self.shards[s]), "key": key}
-        where = self._arrays["json"][g]
-        if where[0] >= 0:
+        offset, size = self._json[g].tolist()
+        if offset >= 0:
             try:
-                meta["json"] = json.loads(self._files.read(s, int(where[0]), int(where[1])))
+                meta["json"] = json.loads(self._files.read(s, offset, size))
             except ValueError:
                 meta["json"] = None
-        return {"image": image, "captions": self.captions(index), "id": f"{self.shards[s].name}/{key}",
+        return {"image": image, "captions": [self._caption_of(s, i, g)], "id": f"{self.shards[s].name}/{key}",
                 "metadata": meta}  # fmt: skip
 
     def __getstate__(self) -> dict:  # worker processes map the index themselves
         state = dict(self.__dict__)
-        state["_arrays"] = {name: (a.filename, a.dtype.str) for name, a in self._arrays.items()}
-        state["_rows"] = self._rows.filename
+        for name in ("_keys", "_starts", "_rows", "_image", "_caption", "_json"):
+            state.pop(name)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state["_arrays"] = {name: np.load(file, mmap_mode="r") for name, (file, _) in state["_arrays"].items()}
-        state["_rows"] = np.load(state["_rows"], mmap_mode="r")
         self.__dict__.update(state)
+        self._map()
 
 
 # ----------------------------------------------------------------------------------------------- parquet
