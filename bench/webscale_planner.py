@@ -27,6 +27,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
+
 from bench.common import write_results
 from jaxmr.data.arrayrecord import ArrayRecordSource, shard_name
 from jaxmr.data.stream import StreamConfig, StreamPlan
@@ -36,16 +38,17 @@ FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 
 
 class VirtualUnits:
-    """`per` samples in each of `n` units, yielded as (unit, position) without a file (what the planner sees)."""
+    """`counts[u]` samples in unit u, each yielded as its (unit, position) and never read from a file: what the
+    planner sees of tar shards, at no cost but the counts array (tests/data/test_webscale.py uses it too)."""
 
-    def __init__(self, n: int, per: int):
-        self.n, self.per, self.name = n, per, f"virtual:{n}x{per}"
+    def __init__(self, counts: np.ndarray):
+        self.counts, self.name = counts, f"virtual:{len(counts)}"
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.counts)
 
     def read_from(self, unit: int, position: int):
-        for i in range(position, self.per):
+        for i in range(position, int(self.counts[unit])):
             yield i, i + 1, (unit, i)
 
     def read_at(self, unit: int, position: int):
@@ -67,7 +70,7 @@ def planner_rows(shard_counts, sample_counts, processes: int) -> list[dict]:
     for shards in shard_counts:
         for samples in sample_counts:
             for resampled in (False, True):
-                units = VirtualUnits(shards, samples // shards)
+                units = VirtualUnits(np.full(shards, samples // shards))
                 config = StreamConfig(batch_size=256 * processes, buffer=1000, resampled=resampled)
 
                 def first_batch(units=units, config=config):

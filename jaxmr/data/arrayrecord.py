@@ -74,7 +74,7 @@ class ArrayRecordSource:
         manifest = read_manifest(self.root)
         chosen = [manifest["splits"].get(s, {}) for s in SPLITS if self.split in (None, s)]
         self._names = [n for c in chosen for n in c.get("shards", [])]
-        missing = [n for n in self._names if not (self.root / f"{n}.array_record").exists()]
+        missing = [n for n in self._names if not self._path(n).exists()]
         if missing:
             raise DataError(f"{self.root}: shard {missing[0]}.array_record is missing")
         if all(len(c.get("counts", [])) == len(c.get("shards", [])) for c in chosen):
@@ -112,10 +112,9 @@ class ArrayRecordSource:
         cached_shard, captions = self._caption_shard
         if cached_shard != shard:
             path = self.root / f"{self._names[shard]}.captions.json"
-            captions = json.loads(path.read_text())
-            if len(captions) != self._starts[shard + 1] - self._starts[shard]:
-                raise DataError(f"{path}: {len(captions)} caption lists for "
-                                f"{self._starts[shard + 1] - self._starts[shard]} records")  # fmt: skip
+            captions, records = json.loads(path.read_text()), int(self._starts[shard + 1] - self._starts[shard])
+            if len(captions) != records:
+                raise DataError(f"{path}: {len(captions)} caption lists for {records} records")
             self._caption_shard = (shard, captions)
         return list(captions[row])
 

@@ -24,11 +24,13 @@ dropped silently; an image that does not decode is counted by the training pipel
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import tarfile
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from jaxmr.data.captions import hash_split
 from jaxmr.data.records import DataError, Record, canonical_split
@@ -238,11 +241,6 @@ def set_index(paths: list[Path], workers: int = 1, progress: bool = False) -> Pa
     folder = cache_dir() / "shards" / f"set-{key.hexdigest()}"
     if (folder / "meta.json").exists():
         return folder
-    import concurrent.futures
-    import multiprocessing
-
-    from tqdm import tqdm
-
     pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             if workers > 1 else contextlib.nullcontext())  # fmt: skip
     with pool:

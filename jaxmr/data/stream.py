@@ -207,17 +207,8 @@ class StreamPlan:
         self.process, self.processes = process_index, process_count
         self.skipped: collections.Counter = collections.Counter()
         self._orders: tuple[int, list[int]] = (-1, [])
-        self.set_state(
-            {
-                "epoch": 0,
-                "unit": 0,
-                "position": 0,
-                "ordinal": 0,
-                "buffer": [],
-                "rng": None,
-                "resampled": config.resampled,
-            }
-        )
+        start = {"epoch": 0, "unit": 0, "position": 0, "ordinal": 0, "buffer": [], "rng": None}
+        self.set_state({**start, "resampled": config.resampled})
 
     def order(self, epoch: int) -> list[int]:
         """This process's units in epoch `epoch`: units p, p + P, ... of the epoch's permutation, or, resampled,

@@ -8,27 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from bench.webscale_planner import VirtualUnits
 from jaxmr.data.records import DataError
 from jaxmr.data.stream import StreamConfig, StreamPlan, sample_id
-
-
-class VirtualUnits:
-    """`counts[u]` samples in unit u, each yielded as its (unit, position) and never read from a file: what the
-    planner sees of tar shards, at no cost but the counts array."""
-
-    def __init__(self, counts: np.ndarray):
-        self.counts, self.name = counts, f"virtual:{len(counts)}"
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def read_from(self, unit: int, position: int):
-        for i in range(position, int(self.counts[unit])):
-            yield i, i + 1, (unit, i)
-
-    def read_at(self, unit: int, position: int):
-        return unit, position
-
 
 SHARDS, PROCESSES, LOCAL = 40_000, 32, 16
 
