@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import jax
 import numpy as np
@@ -58,8 +59,24 @@ def initialize(args: argparse.Namespace) -> bool:
         raise ValueError(f"--process-id must be in 0..{count - 1}, got {index}")
     if coordinator is not None and ":" not in coordinator:
         raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    _native_output_to_stderr()
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index)
     return True
+
+
+def _native_output_to_stderr() -> None:
+    """Keeps stdout for what jaxmr prints: gloo's C++ threads write "[Gloo] Rank 0 is connected ..." to the
+    process's stdout whenever they get to it, which garbled `--json` output (a line cut in two, after the JSON).
+    File descriptor 1 goes to stderr; Python's sys.stdout keeps writing to the real stdout."""
+    try:
+        sys.stdout.flush()
+        if sys.stdout.fileno() != 1:  # already redirected in Python (a test harness): leave it
+            return
+    except (AttributeError, OSError, ValueError):
+        return
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(real, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors, buffering=1)  # noqa: SIM115
 
 
 def is_primary() -> bool:

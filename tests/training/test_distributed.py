@@ -32,8 +32,9 @@ def _free_port() -> int:
 def _together(argv: list[str], processes: int = 2, devices: int = 4, timeout: float = 600) -> list[str]:
     """Runs `jaxmr ARGV` as `processes` cooperating processes of `devices` CPU devices each; their stdouts.
 
-    stderr is kept apart (shown on failure): gloo writes its own lines there ("[Gloo] Rank 0 is connected ...")
-    whenever its threads get to it, which once landed after a command's last JSON line."""
+    stderr is kept apart (shown on failure). gloo's C++ threads write "[Gloo] Rank 0 is connected ..." to file
+    descriptor 1 whenever they get to it (once cutting a command's last line in two): jaxmr.distributed sends that
+    descriptor to stderr, and this checks it."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
 
@@ -54,6 +55,7 @@ def _together(argv: list[str], processes: int = 2, devices: int = 4, timeout: fl
             process.kill()
     for process, (out, err) in zip(running, outputs, strict=True):
         assert process.returncode == 0, (out + err)[-3000:]
+        assert "[Gloo]" not in out, "gloo's lines belong on stderr, apart from the command's output"
     return [out for out, _ in outputs]
 
 
