@@ -2,6 +2,7 @@
 
     python -m bench.lit_ablation [--variants lite0,views1,mpnet,...] [--steps 2400] [--workdir runs/lit_ablation]
     python -m bench.lit_ablation --quick --set data.source=captions:DIR   # one 4-step run (CI smoke)
+    python -m bench.lit_ablation --variants base --name lit_default --workdir /tmp/lit_default   # from scratch
 
 Each variant is `configs/flickr8k_lit.py:VARIANT` ("base" = the config as it is) trained by `jaxmr train` in its
 own process, all over one shared features folder: the cache is one file per tower and split, so a tower's
@@ -65,6 +66,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="views1 for 4 steps at 64 px (give a small --set data.source=...)"
     )
+    parser.add_argument(
+        "--name",
+        default="lit_ablation",
+        help="results name: bench/results/NAME-<machine> (lit_default: the default from scratch)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     overrides = f",steps={args.steps}" if args.steps else ""
@@ -76,6 +82,7 @@ def main() -> None:
                       "model.image.image_size=64,data.read_threads=0")  # fmt: skip
     workdir = Path(args.workdir)
     features = workdir / "features"
+    cached = features.is_dir() and any(features.glob("*.npz"))
     features.mkdir(parents=True, exist_ok=True)
     records = []
     for variant in variants:
@@ -83,11 +90,20 @@ def main() -> None:
         print(json.dumps(records[-1]), flush=True)
         command = f"python -m bench.lit_ablation --variants {','.join(variants)}"
         command += (f" --set {args.set}" if args.set else "") + (f" --steps {args.steps}" if args.steps else "")
+        command += f" --name {args.name}" if args.name != "lit_ablation" else ""
         notes = (f"`{command}`: configs/flickr8k_lit.py and its tower swaps, "
                  "Flickr8k train -> dev (984 images, 4,920 captions), recall of each run's last evaluation. wall_s is "
                  "the whole `jaxmr train` of that run, including the features it was the first to need (new_features)"
                  "; the others were reused from earlier rows.")  # fmt: skip
-        path = write_results("lit_ablation", records, COLUMNS, "LiT tower ablation on Flickr8k dev", notes, args.out)
+        fresh = (
+            f" A fresh features folder ({features}): every tower's features computed by this run." if not cached else ""
+        )
+        title = (
+            "LiT tower ablation on Flickr8k dev" if args.name == "lit_ablation" else f"LiT on Flickr8k dev: {args.name}"
+        )
+        path = write_results(
+            args.name, records, COLUMNS, title, notes + fresh, args.out, extra={"fresh_features": not cached}
+        )
     print(f"wrote {path}")
 
 
