@@ -22,31 +22,46 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--test", action="store_true", help="also evaluate the last checkpoint on the test split")
     args = parser.parse_args()
-    metrics = read_metrics(args.workdir)
+    path = write_curve(args.workdir, args.name, args.test)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+COLUMNS = ["step", "split", "train_minutes", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
+KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
+
+
+def curve(workdir: str | Path, test: bool) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """A run's eval records (a last one on the test split with `test`), its train and eval metrics, and the
+    training seconds at each logged step (the sum over logged windows of examples / examples per second)."""
+    metrics = read_metrics(workdir)
     if not metrics:
-        raise SystemExit(f"no metrics in {args.workdir}")
+        raise SystemExit(f"no metrics in {workdir}")
     train = [m for m in metrics if "train/loss" in m]
     evals = [m for m in metrics if "eval/t2i_r1" in m]
-    # wall time: sum over logged intervals of (examples in the interval / examples per second)
-    config = json.loads((Path(args.workdir) / "config.json").read_text())
+    config = json.loads((Path(workdir) / "config.json").read_text())
     batch, seconds, clock, previous = config["batch_size"], {}, 0.0, 0
     for m in train:
         clock += (m["step"] - previous) * batch / m["train/examples_per_s"]
         seconds[m["step"]], previous = clock, m["step"]
-    keys = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
     records = [
-        {"step": m["step"], "train_minutes": seconds.get(m["step"], 0) / 60, **{k: m[f"eval/{k}"] for k in keys}}
+        {"step": m["step"], "split": "eval", "train_minutes": seconds.get(m["step"], 0) / 60,
+         **{k: m[f"eval/{k}"] for k in KEYS}}
         for m in evals
-    ]
-    notes = f"Run: `{args.workdir}`, config saved in its config.json; eval on the run's eval split."
-    if args.test:
-        test = evaluate(args.workdir, split="test")
-        last = {"step": f"{evals[-1]['step']} (test split)", "train_minutes": records[-1]["train_minutes"]}
-        records.append({**last, **{k: test[k] for k in keys}})
-    columns = ["step", "train_minutes", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
-    path = write_results(args.name, records, columns, f"Training curve: {args.name}", notes)
+    ]  # fmt: skip
+    if test:
+        result = evaluate(workdir, split="test")
+        records.append({**records[-1], "split": "test", **{k: result[k] for k in KEYS}})
+    return records, train, evals, seconds
+
+
+def write_curve(workdir: str | Path, name: str, test: bool, notes: str = "", extra: dict | None = None,
+                out: str | None = None) -> Path:  # fmt: skip
+    """`curve` written as bench/results/NAME-<machine>.{json,md} (or `out`) with its plot beside them."""
+    records, train, evals, seconds = curve(workdir, test)
+    notes = notes or f"Run: `{workdir}`, config saved in its config.json; eval on the run's eval split."
+    path = write_results(name, records, COLUMNS, f"Training curve: {name}", notes, out, extra=extra)
     plot(train, evals, seconds, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return path
 
 
 def plot(train: list[dict], evals: list[dict], seconds: dict, out: Path) -> None:
