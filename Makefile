@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install mpnet demo test test-slow lint format bench-input bench-accel accel-wheels browser
+.PHONY: install mpnet demo test lint format bench-input bench-accel accel-wheels browser
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,6 @@ browser:
 	    { apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	      { apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1; }; } || \
 	  echo "note: no Chromium here; the browser test will be skipped"
-
-test-slow: install
-	$(BIN)/python -m pytest -m slow
 
 # ruff for style; import-linter for the layers contract in pyproject.toml (imports run only downward, and the
 # serving path loads no training code).

@@ -73,6 +73,26 @@ def smoke_run(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory) -> Path:
+    """A short run that learns: configs/shapes_tiny.py:smoke for 150 steps of batch 32 on a 2,048-image world
+    (~25 s on 2 cores); its test split has 64 images with 5 captions each."""
+    import dataclasses
+
+    from jaxmr.config import load_config_file
+    from jaxmr.training.loop import train
+
+    config = load_config_file(str(ROOT / "configs" / "shapes_tiny.py:smoke"))
+    config = dataclasses.replace(
+        config, steps=150, batch_size=32, eval_every=150, checkpoint_every=150, log_every=25,
+        data=dataclasses.replace(config.data, source="shapes:n=2048,n_val=64,n_test=64,size=32"),
+        optim=dataclasses.replace(config.optim, warmup_steps=10),
+    )  # fmt: skip
+    workdir = tmp_path_factory.mktemp("learned_run")
+    train(config, workdir, progress=False)
+    return workdir
+
+
 def wait_ready(get, timeout: float = 120) -> None:
     """Polls a server's /readyz (through `get`, a test client's or a requests-like function) until it is 200."""
     deadline = time.time() + timeout
@@ -162,3 +182,22 @@ def write_shards(folder, shards: int = 3, per_shard: int = 20) -> dict:
     last.write_bytes(data[: members[-3].offset_data + 10])  # cut inside the last sample's jpg
     cut = members[-3].name.split(".")[0]
     return {"good": [g for g in good if g[0] != cut], "cut_sample": cut}
+
+
+def assert_exact_neighbours(found_ids, scores, ids, vectors, queries, k: int, atol: float = 1e-5) -> None:
+    """`found_ids` / `scores` [Q, k] are an exact top-k over (`ids` [N], `vectors` [N, E]) for `queries` [Q, E]:
+    every returned id is one of `ids` (once a row), its returned score is that id's own dot product, and the k
+    scores equal the exact k best, so ids differ from numpy's only where scores tie. Checked in float64; `atol`:
+    float32 sums of E terms in another order differ by ~E * 2^-24 (1e-5 covers E <= 256 of unit vectors)."""
+    found_ids, scores = np.asarray(found_ids), np.asarray(scores, np.float64)
+    assert found_ids.shape == scores.shape == (len(queries), k)
+    order = np.argsort(ids)
+    at = np.searchsorted(ids, found_ids, sorter=order)
+    assert (np.asarray(ids)[order][np.minimum(at, len(ids) - 1)] == found_ids).all(), "an id not in the index"
+    rows = order[np.minimum(at, len(ids) - 1)]
+    assert all(len(set(r)) == k for r in found_ids), "an id returned twice for one query"
+    q, v = np.asarray(queries, np.float64), np.asarray(vectors, np.float64)
+    own = np.einsum("qe,qke->qk", q, v[rows])
+    np.testing.assert_allclose(scores, own, rtol=0, atol=atol)  # each returned id's own score
+    best = -np.sort(-(q @ v.T), axis=1)[:, :k]
+    np.testing.assert_allclose(scores, best, rtol=0, atol=atol)  # the k best, best first

@@ -123,7 +123,11 @@ def test_report_and_class_metrics_end_to_end(smoke_run, tmp_path, capsys):
     recall = json.loads(capsys.readouterr().out)
     assert metrics["recall"]["t2i_r1"] == pytest.approx(recall["t2i_r1"], abs=1e-6)  # same embeddings, same metric
     classes = metrics["classes"]
-    assert classes["n_classes"] == 5 and len(classes["per_class"]) == 5 and classes["zero_shot_top5"] == 1.0
+    assert classes["n_classes"] == 5 and len(classes["per_class"]) == 5
+    # (top-5 of 5 classes is 1.0 whatever the model: it says nothing here; metrics.zero_shot's own test checks
+    # top-k by hand.) Scenes hold several shapes, so an image can be right under more than one class.
+    assert 0 <= classes["zero_shot_top1"] <= classes["zero_shot_top5"] <= 1
+    assert sum(c["images"] for c in classes["per_class"]) >= classes["n_images"] == 64
     assert 0 <= classes["mean_p@10"] <= 1 and classes["templates"][0] == "a small red {}"
     assert "| circle |" in (out / "report.md").read_text() and "<table>" in (out / "report.html").read_text()
     rows = (out / "pr_curve.csv").read_text().splitlines()
