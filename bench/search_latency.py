@@ -4,6 +4,7 @@ jitted JAX, and FAISS (HNSW, IVF-PQ) as the peer, with plots.
     python -m bench.search_latency --sizes 1e3,1e4,1e5,1e6 --dims 256,512 \
         --real flickr8k=runs/indexes/flickr8k_all_lit
     python -m bench.search_latency --quick          # CI smoke test: seconds, no figures asserted
+    python -m bench.search_latency --sizes 1e6 --dims 256 --methods numpy,scann,hnsw --blocks 5 --name search_1m
 
 Vectors: `bench.common.clustered_vectors` (clustered unit vectors with a modality gap between image and text);
 the queries are the text side, so every figure is cross-modal (text -> image) search. `--real NAME=INDEX` adds
@@ -17,6 +18,12 @@ batch 1, 32 and 1,024, recall@10, build time, index memory (the serialised index
 `faiss.serialize_index`; the raw float32 matrix for exact search). `--sweep` adds a recall/throughput curve
 at the largest size (ScaNN leaves_to_search x reorder, HNSW efSearch, IVF-PQ nprobe), drawn as ann-benchmarks
 draws it. On a GPU the JAX exact search also runs in bfloat16.
+
+`--blocks B` (B >= 3) measures the verdict's ratios again in B alternating blocks at the largest size, every
+index held at once and the order of the methods flipped from one block to the next: ScaNN's single-query p50
+against HNSW's at the same recall (HNSW's p50 at the two efSearch values around ScaNN's recall, interpolated in
+log p50), and ScaNN's batch-1024 throughput over exact numpy's. Each ratio is reported as the median with its
+min-max over the blocks; a lead whose min-max includes 1.0 is reported as a tie.
 """
 
 from __future__ import annotations
@@ -395,8 +402,9 @@ def verdict(records: list[dict], curve: list[dict], n: int, d: int) -> dict:
 
 
 def run_set(name: str, database: np.ndarray, queries: np.ndarray, calibration: np.ndarray, methods: list[str],
-            budget_s: float, curve: list[dict] | None) -> list[dict]:  # fmt: skip
-    """Every method on one database; appends sweep points to `curve` when it is given."""
+            budget_s: float, curve: list[dict] | None, kept: dict[str, Built] | None = None) -> list[dict]:  # fmt: skip
+    """Every method on one database; appends sweep points to `curve` when it is given, and keeps every built
+    index in `kept` (by method name) when that is given, instead of freeing it."""
     truth = exact_search(database, queries, K)[0]
     records = []
     for key in methods:
@@ -408,9 +416,85 @@ def run_set(name: str, database: np.ndarray, queries: np.ndarray, calibration: n
         if curve is not None and built.knob:
             curve += [{"n": len(database), "d": database.shape[1], **p}
                       for p in sweep(built, queries, truth, budget_s / 4)]  # fmt: skip
+            _restore(built, record["params"])  # the sweep leaves the knob at its last value: back to the tuned one
+        if kept is not None:
+            kept[built.method] = built
         del built
         gc.collect()
     return records
+
+
+def _restore(built: Built, params: str) -> None:
+    """Sets the knob value whose params string is `params` (after a sweep moved it)."""
+    for value in built.knob:
+        if built.set(value) == params:
+            built.params = params
+            return
+    raise AssertionError(f"{built.method}: no knob value gives {params!r}")
+
+
+def spread(values: list[float]) -> dict:
+    """Median and min-max of a ratio over blocks; a tie when the min-max includes 1.0."""
+    low, high = float(min(values)), float(max(values))
+    return {"median": float(np.median(values)), "min": low, "max": high, "values": [float(v) for v in values],
+            "tie": low <= 1.0 <= high}  # fmt: skip
+
+
+def alternating(kept: dict[str, Built], queries: np.ndarray, truth: np.ndarray, blocks: int,
+                budget_s: float) -> dict:  # fmt: skip
+    """ScaNN against HNSW at ScaNN's recall (single query) and against exact numpy (batch 1,024), measured in
+    `blocks` alternating blocks with every index held at once; each ratio with its spread (`spread`)."""
+    scann, hnsw, numpy_ = kept["scann (auto)"], kept.get("faiss hnsw"), kept.get("numpy exact")
+    target = recall_at_k(scann.search(queries), truth)
+    out: dict = {"blocks": blocks, "scann_recall_at_10": target, "scann_params": scann.params, "per_block": []}
+    bracket = None
+    if hnsw is not None:  # HNSW's recall at each efSearch is fixed by the queries: found once
+        tuned = hnsw.params
+        points = []
+        for value in hnsw.knob:
+            hnsw.set(value)
+            points.append((value, recall_at_k(hnsw.search(queries), truth)))
+        # the cheapest efSearch that reaches ScaNN's recall, and the one before it on the ladder
+        reach = next((i for i, (_, r) in enumerate(points) if r >= target), None)
+        if reach is not None:
+            bracket = (points[max(reach - 1, 0)], points[reach])
+            out["hnsw_bracket"] = [{"ef": ef, "recall_at_10": r} for ef, r in bracket]
+        _restore(hnsw, tuned)
+
+    def scann_single() -> float:
+        return float(np.percentile(single_latencies(scann.search, queries, budget_s), 50))
+
+    def hnsw_at_target() -> float:
+        (ef_lo, r_lo), (ef_hi, r_hi) = bracket
+        p50 = []
+        for ef in (ef_lo, ef_hi):
+            hnsw.set(ef)
+            p50.append(float(np.percentile(single_latencies(hnsw.search, queries, budget_s), 50)))
+        _restore(hnsw, tuned)
+        if ef_lo == ef_hi or r_lo >= r_hi:  # the first rung already reaches it (or the curve is not monotone)
+            return p50[1]
+        return float(np.exp(np.interp(target, [r_lo, r_hi], np.log(p50))))
+
+    for block in range(blocks):
+        row: dict = {"block": block}
+        steps = [("scann_p50_ms", scann_single)]
+        if bracket is not None:
+            steps.append(("hnsw_p50_ms_at_scann_recall", hnsw_at_target))
+        if numpy_ is not None:
+            steps += [("scann_qps_batch1024", lambda: batch_qps(scann.search, queries, 1024, budget_s)),
+                      ("numpy_qps_batch1024", lambda: batch_qps(numpy_.search, queries, 1024, budget_s))]  # fmt: skip
+        for key, fn in steps if block % 2 == 0 else steps[::-1]:
+            row[key] = fn()
+        print(f"  block {row}", flush=True)
+        out["per_block"].append(row)
+    rows = out["per_block"]
+    out["scann_p50_ms"] = float(np.median([r["scann_p50_ms"] for r in rows]))
+    if bracket is not None:
+        out["hnsw_p50_ms_at_scann_recall"] = float(np.median([r["hnsw_p50_ms_at_scann_recall"] for r in rows]))
+        out["over_hnsw_single"] = spread([r["hnsw_p50_ms_at_scann_recall"] / r["scann_p50_ms"] for r in rows])
+    if numpy_ is not None:
+        out["over_numpy_batch1024"] = spread([r["scann_qps_batch1024"] / r["numpy_qps_batch1024"] for r in rows])
+    return out
 
 
 def real_set(path: str, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -435,7 +519,14 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=10.0, help="seconds per timing loop at most")
     parser.add_argument("--no-sweep", action="store_true", help="no recall/throughput curve")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short timings (CI smoke test)")
-    parser.add_argument("--out", default=None, help="results JSON (default bench/results/search_latency-MACHINE)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=0,
+        help="B >= 3: the verdict's ratios in B alternating blocks at the largest size (median, spread)",
+    )
+    parser.add_argument("--name", default="search_latency", help="results name: bench/results/NAME-MACHINE")
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/NAME-MACHINE)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.dims, args.queries, args.budget = "1e3,5e3", "32", 200, 0.2
@@ -445,12 +536,15 @@ def main() -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.blocks and (args.blocks < 3 or "scann" not in methods):
+        parser.error("--blocks needs at least 3 blocks and the scann method")
     import jax
 
     if jax.devices()[0].platform != "cpu" and "jax-bf16" not in methods:
         methods.append("jax-bf16")
     records: list[dict] = []
     curve: list[dict] = []
+    blocks: dict = {}
     for item in args.real:
         name, path = key_value(item, "name=path")
         database, queries, calibration = real_set(path, args.queries)
@@ -458,13 +552,20 @@ def main() -> None:
     for d in dims:
         for n in sizes:
             database, text, _ = clustered_vectors(n, d, 2 * args.queries, seed=n + d)
-            last = n == max(sizes) and d == dims[0] and not args.no_sweep
-            records += run_set("clustered", database, text[: args.queries], text[args.queries :], methods,
-                               args.budget, curve if last else None)  # fmt: skip
-            del database
+            largest = n == max(sizes) and d == dims[0]
+            kept: dict[str, Built] | None = {} if largest and args.blocks else None
+            queries = text[: args.queries]
+            records += run_set("clustered", database, queries, text[args.queries :], methods, args.budget,
+                               curve if largest and not args.no_sweep else None, kept)  # fmt: skip
+            if kept is not None:
+                print(f"n={n:,} d={d}: {args.blocks} alternating blocks", flush=True)
+                blocks = alternating(kept, queries, exact_search(database, queries, K)[0], args.blocks, args.budget)
+            del database, kept
             gc.collect()
     summary = verdict(records, curve, max(sizes), dims[0])
-    stem = Path(args.out).with_suffix("") if args.out else RESULTS / f"search_latency-{machine()['name']}"
+    if blocks:
+        summary.update(blocks)
+    stem = Path(args.out).with_suffix("") if args.out else RESULTS / f"{args.name}-{machine()['name']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     figures = plot(records, curve, stem)
     columns = ["set", "method", "n", "d", "params", "recall_at_10", "p50_ms", "p99_ms", "qps_batch1", "qps_batch32",
@@ -480,13 +581,26 @@ def main() -> None:
     ]
     if summary:
         notes.append("Acceptance figures: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                        for k, v in summary.items()) + ".")  # fmt: skip
+                                                        for k, v in summary.items()
+                                                        if not isinstance(v, dict | list)) + ".")  # fmt: skip
+    if blocks:
+        lines = [f"### {blocks['blocks']} alternating blocks at {max(sizes):,} x {dims[0]}", "",
+                 f"ScaNN `{blocks['scann_params']}`, recall@10 {blocks['scann_recall_at_10']:.4f}. "
+                 "Median (min-max) over the blocks; a min-max that includes 1.0 is a tie."]  # fmt: skip
+        for key, label in (("over_hnsw_single", "ScaNN over FAISS HNSW, single query at equal recall"),
+                           ("over_numpy_batch1024", "ScaNN over exact numpy, batch 1,024")):  # fmt: skip
+            if key in blocks:
+                b = blocks[key]
+                word = "a tie" if b["tie"] else "a lead" if b["median"] > 1 else "behind"
+                lines.append(f"- {label}: {b['median']:.3f}x ({b['min']:.3f}-{b['max']:.3f}), {word}")
+        lines += ["", markdown_table(blocks["per_block"], list(blocks["per_block"][0]))]
+        notes.append("\n".join(lines))
     if curve:
         sweep_columns = ["method", "n", "d", "params", "recall_at_10", "qps_single", "p50_ms", "qps_batch1024"]
         notes.append("### Recall / throughput sweep\n\n" + markdown_table(curve, sweep_columns))
     for figure in figures:
         notes.append(f"![{figure.stem}]({figure.name})")
-    path = write_results("search_latency", records, columns, "Search latency across index sizes, against the peers",
+    path = write_results(args.name, records, columns, "Search latency across index sizes, against the peers",
                          "\n\n".join(notes), args.out, extra={"verdict": summary, "sweep": curve})  # fmt: skip
     print(f"wrote {path} and {', '.join(str(f) for f in figures)}")
 

@@ -20,6 +20,11 @@ BRUTE_FORCE_BELOW = 20_000
 TREE_FROM = 100_000
 SOAR_FROM = 500_000  # auto: trees over this many vectors spill with SOAR (measured: slower at 100k, faster at 1M)
 SOAR_LAMBDA = 1.5
+# ah, tree_ah: candidates re-scored exactly when `reorder` is 0 (auto); a calibrated tree then keeps the fewest of
+# REORDER_LADDER that still reach the target (1M x 256 with SOAR: 100 gave recall 0.9665 against 256's 0.9675,
+# at p50 0.55 against 0.63 ms; bench/results/search_latency-cpu2.md, the sweep).
+REORDER = 256
+REORDER_LADDER = (64, 100, 128, 160, 200)
 
 
 class InvalidIndexError(ValueError):
@@ -36,7 +41,7 @@ class AnnConfig:
     method: str = "auto"  # auto | brute_force | ah | tree_ah | exact | mesh (on the devices: jaxmr.index.mesh)
     num_leaves: int = 0  # tree_ah: 0 -> about sqrt(N)
     leaves_to_search: int = 0  # tree_ah: 0 -> calibrated at build time to reach `target_recall`
-    reorder: int = 256  # ah, tree_ah: candidates re-scored exactly (at least k)
+    reorder: int = 0  # ah, tree_ah: candidates re-scored exactly (at least k); 0 -> REORDER, a tree's calibrated
     dims_per_block: int = 0  # ah: dimensions per 4-bit code; 0 -> 4 for a tree over >= 128-d vectors, else 2
     quantization_threshold: float = 0.2  # ah: anisotropic loss threshold for unit-norm data
     training_sample_size: int = 100_000  # tree_ah: vectors the partitioner trains on
@@ -57,7 +62,7 @@ class AnnConfig:
             raise ValueError(f"ann.approx must be 0 (exact) or a recall target below 1, got {self.approx}")
         if self.device_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"ann.device_dtype must be bfloat16 or float32, got {self.device_dtype!r}")
-        if min(self.num_leaves, self.leaves_to_search, self.dims_per_block) < 0 or self.reorder < 1:
+        if min(self.num_leaves, self.leaves_to_search, self.dims_per_block, self.reorder) < 0:
             raise ValueError(f"ann parameters out of range: {self}")
         if self.soar_lambda < 0 and self.soar_lambda != -1:
             raise ValueError(f"ann.soar_lambda must be -1 (auto), 0 (off) or positive, got {self.soar_lambda}")
@@ -74,6 +79,8 @@ class AnnConfig:
         vs 2,054 q/s; bench/results/README.md). From SOAR_FROM vectors, SOAR spilling: at 1M x 256 it needs 125
         leaves instead of 333 for the same recall (p50 0.62 vs 0.97 ms); at 100k it was slower (0.10 vs 0.08 ms)."""
         method = self.method
+        if method != "mesh" and self.reorder == 0:
+            return dataclasses.replace(self, reorder=REORDER).resolve(n, d)
         if method == "mesh":
             return dataclasses.replace(self, num_leaves=0, leaves_to_search=0, soar_lambda=0.0)
         if method == "auto":

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxmr.index.ann import AnnConfig, InvalidIndexError, build_scann, exact_search
+from jaxmr.index.ann import REORDER_LADDER, AnnConfig, InvalidIndexError, build_scann, exact_search
 from jaxmr.index.mesh import MeshSearch
 
 # A tree whose calibration needs more than this share of its leaves (or misses the target with all of them)
@@ -78,7 +78,7 @@ class Collection:
         collection = cls(ids, embeddings, meta, resolved, build_scann(embeddings, ids, resolved))
         if resolved.method == "tree_ah" and ann.leaves_to_search == 0:
             probe = collection._sample(queries)  # one exact search, for the calibration and a fallback's recall
-            collection._calibrate(*probe)
+            collection._calibrate(*probe, reorder=ann.reorder == 0)
             chosen, leaves = collection.ann.leaves_to_search, collection.ann.num_leaves
             recall = collection.calibration["recall_at_10"]
             if chosen > TREE_USEFUL_SHARE * leaves or recall < ann.target_recall:
@@ -114,8 +114,9 @@ class Collection:
         hits = (exact >= tenth[:, None] - slack) & (rows >= 0)
         return float(hits.sum(axis=1).mean() / min(10, len(self.ids)))
 
-    def _calibrate(self, sample: np.ndarray, tenth: np.ndarray, own: bool) -> None:
-        """Sets leaves_to_search to the fewest leaves that reach the target on `sample` (see `_sample`)."""
+    def _calibrate(self, sample: np.ndarray, tenth: np.ndarray, own: bool, reorder: bool = False) -> None:
+        """Sets leaves_to_search to the fewest leaves that reach the target on `sample` (see `_sample`), then
+        with `reorder` (and given queries) the fewest re-scored candidates of REORDER_LADDER that still do."""
         leaves = self.ann.num_leaves
         ladder = sorted(
             {
@@ -132,9 +133,19 @@ class Collection:
         if own:
             chosen = min(leaves, 2 * chosen)
         self.ann = dataclasses.replace(self.ann, leaves_to_search=chosen)
+        if reorder and not own and recall >= self.ann.target_recall:
+            wide = self.ann
+            for candidates in (c for c in REORDER_LADDER if c < wide.reorder):
+                self.ann = dataclasses.replace(wide, reorder=candidates)
+                fewer = self._recall(sample, tenth, chosen)
+                if fewer >= self.ann.target_recall:
+                    recall = fewer
+                    break
+            else:
+                self.ann = wide
         self.calibration = {"queries": "own vectors (doubled)" if own else "given", "recall_at_10": recall}
-        log.info("calibrated leaves_to_search = %d of %d (recall@10 %.3f on %d queries)", chosen, leaves, recall,
-                 len(sample))  # fmt: skip
+        log.info("calibrated leaves_to_search = %d of %d, reorder %d (recall@10 %.3f on %d queries)", chosen, leaves,
+                 self.ann.reorder, recall, len(sample))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.ids)
