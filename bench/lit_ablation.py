@@ -84,6 +84,8 @@ def main() -> None:
     features = workdir / "features"
     cached = features.is_dir() and any(features.glob("*.npz"))
     features.mkdir(parents=True, exist_ok=True)
+    fresh = f" A fresh features folder ({features}): every tower's features computed by this run." if not cached else ""
+    title = "LiT tower ablation on Flickr8k dev" if args.name == "lit_ablation" else f"LiT on Flickr8k dev: {args.name}"
     records = []
     for variant in variants:
         records.append(run_variant(variant, workdir, features, overrides))
@@ -95,12 +97,6 @@ def main() -> None:
                  "Flickr8k train -> dev (984 images, 4,920 captions), recall of each run's last evaluation. wall_s is "
                  "the whole `jaxmr train` of that run, including the features it was the first to need (new_features)"
                  "; the others were reused from earlier rows.")  # fmt: skip
-        fresh = (
-            f" A fresh features folder ({features}): every tower's features computed by this run." if not cached else ""
-        )
-        title = (
-            "LiT tower ablation on Flickr8k dev" if args.name == "lit_ablation" else f"LiT on Flickr8k dev: {args.name}"
-        )
         path = write_results(
             args.name, records, COLUMNS, title, notes + fresh, args.out, extra={"fresh_features": not cached}
         )

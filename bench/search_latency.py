@@ -466,13 +466,14 @@ def alternating(kept: dict[str, Built], queries: np.ndarray, truth: np.ndarray, 
 
     def hnsw_at_target() -> float:
         (ef_lo, r_lo), (ef_hi, r_hi) = bracket
+        one = ef_lo == ef_hi or r_lo >= r_hi  # the first rung already reaches it (or the curve is not monotone)
         p50 = []
-        for ef in (ef_lo, ef_hi):
+        for ef in (ef_hi,) if one else (ef_lo, ef_hi):
             hnsw.set(ef)
             p50.append(float(np.percentile(single_latencies(hnsw.search, queries, budget_s), 50)))
         _restore(hnsw, tuned)
-        if ef_lo == ef_hi or r_lo >= r_hi:  # the first rung already reaches it (or the curve is not monotone)
-            return p50[1]
+        if one:
+            return p50[0]
         return float(np.exp(np.interp(target, [r_lo, r_hi], np.log(p50))))
 
     for block in range(blocks):
